@@ -5,15 +5,37 @@ Recurrence per channel ``d`` and state ``n``::
     h_t = exp(delta_t * A[d, n]) * h_{t-1} + delta_t * B_t[n] * u_t
     y_t = sum_n C_t[n] * h_t[n] + D[d] * u_t
 
-with ``delta = softplus(delta + delta_bias)`` when ``delta_softplus``.
+with ``delta = softplus(delta + delta_bias)`` when ``delta_softplus``. Channel group ``g`` (channels
+``[g * dim / groups, (g + 1) * dim / groups)``) uses ``B[:, g]``/``C[:, g]`` and is scanned in
+direction ``directions[g]`` over the ``H x W`` tokens (see :mod:`._directions`).
+
+Backend contract
+----------------
+:class:`_SelectiveScanFn` dispatches on ``u.device``: CUDA tensors go to
+``mmgroupmamba.ops.triton_scan`` when both ``triton`` and that module import (otherwise, and for
+every other device, to :mod:`mmgroupmamba.ops.torch_scan`). Each backend module exposes::
+
+    scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
+                 out_dtype) -> (y, saved)
+    scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
+                  dy, saved) -> (du, ddelta, dA, dB, dC, dD, ddelta_bias)
+
+- ``u, delta, dy``: ``(batch, dim, L)``; ``A``: ``(dim, N)``; ``D, delta_bias``: ``(dim,)`` or None
+  (then ``dD``/``ddelta_bias`` are None); ``B, C``: always 4-D ``(batch, groups, N, L)``, possibly
+  a broadcast (stride-0) view along ``groups``; inputs keep the caller's dtypes.
+- ``directions``: tuple of ``groups`` ints indexing :data:`SCAN_DIRECTIONS`; ``spatial_shape``:
+  ``(H, W)`` with ``H * W == L`` (``(1, L)`` when none was given).
+- ``y``: ``(batch, dim, L)`` in ``out_dtype``; ``saved``: tuple of tensors forward wants back in
+  backward (may be empty). Gradients are shaped like their inputs; any floating dtype is
+  accepted (the Function casts them to the inputs' dtypes).
+- Both are called with autocast disabled; low-precision inputs must accumulate in float32.
 """
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-# A scan direction names the order in which the H x W tokens of a channel group are visited.
-# Tokens are always stored row-major (L = H * W); the direction only changes the visiting order.
-SCAN_DIRECTIONS = ('left_right', 'top_bottom', 'right_left', 'bottom_top')
+from . import torch_scan
+from ._directions import SCAN_DIRECTIONS
 
 
 def selective_scan(u: torch.Tensor,
@@ -27,6 +49,140 @@ def selective_scan(u: torch.Tensor,
                    *,
                    spatial_shape: Optional[Tuple[int, int]] = None,
                    directions: Optional[Sequence[str]] = None,
-                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Placeholder signature; the implementation lands with the reference path."""
-    raise NotImplementedError
+                   out_dtype: Optional[torch.dtype] = None,
+                   _backend: Optional[str] = None) -> torch.Tensor:
+    """Selective scan over ``L`` tokens, optionally in a different direction per channel group.
+
+    Args:
+        u: ``(batch, dim, L)`` input.
+        delta: ``(batch, dim, L)`` step sizes (before ``delta_bias``/softplus).
+        A: ``(dim, N)`` state matrix (diagonal per channel; negative for a decaying state).
+        B, C: ``(batch, N, L)`` shared by all channels, or ``(batch, groups, N, L)``.
+        D: optional ``(dim,)`` skip weight.
+        delta_bias: optional ``(dim,)`` added to ``delta``.
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        spatial_shape: ``(H, W)`` with ``H * W == L``; tokens are stored row-major. Default ``(1, L)``.
+        directions: ``groups`` names from :data:`SCAN_DIRECTIONS`; default: all ``'left_right'``.
+            With 3-D B/C, ``groups = len(directions)``.
+        out_dtype: dtype of ``y``; default ``u.dtype``.
+        _backend: ``'torch'`` forces the PyTorch path on any device (tests, benchmarks).
+
+    Returns:
+        ``(batch, dim, L)`` output in row-major token order, dtype ``out_dtype``.
+    """
+    groups = _check_inputs(u, delta, A, B, C, D, delta_bias, directions)
+    L = u.shape[-1]
+    if directions is None:
+        direction_ids = (0,) * groups
+    else:
+        direction_ids = tuple(_direction_id(name) for name in directions)
+    spatial_shape = _check_spatial_shape(spatial_shape, L)
+    if _backend not in (None, 'torch'):
+        raise ValueError(f"_backend must be None or 'torch', got {_backend!r}")
+    if B.dim() == 3:
+        # A view, not a copy: autograd sums the group gradients back into the shared B/C.
+        B = B.unsqueeze(1).expand(-1, groups, -1, -1)
+        C = C.unsqueeze(1).expand(-1, groups, -1, -1)
+    out_dtype = u.dtype if out_dtype is None else out_dtype
+    return _SelectiveScanFn.apply(u, delta, A, B, C, D, delta_bias, bool(delta_softplus),
+                                  direction_ids, spatial_shape, out_dtype, _backend)
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """Autograd wrapper: hand-written backward of whichever backend serves ``u.device``."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
+                out_dtype, backend_name):
+        backend = _backend_for(u.device, backend_name)
+        # Autocast must not lower the scan's arithmetic; the backends accumulate in float32.
+        with torch.autocast(u.device.type, enabled=False):
+            y, saved = backend.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus,
+                                            directions, spatial_shape, out_dtype)
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, *saved)
+        ctx.config = (backend, delta_softplus, directions, spatial_shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, D, delta_bias, *saved = ctx.saved_tensors
+        backend, delta_softplus, directions, spatial_shape = ctx.config
+        with torch.autocast(u.device.type, enabled=False):
+            grads = backend.scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus,
+                                          directions, spatial_shape, dy, tuple(saved))
+        inputs = (u, delta, A, B, C, D, delta_bias)
+        grads = tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs))
+        return grads + (None,) * 5
+
+
+def _backend_for(device: torch.device, backend_name: Optional[str]):
+    if device.type == 'cuda' and backend_name is None:
+        try:
+            import triton  # noqa: F401
+
+            from . import triton_scan
+            return triton_scan
+        except ImportError:
+            pass
+    return torch_scan
+
+
+def _direction_id(name: str) -> int:
+    if name not in SCAN_DIRECTIONS:
+        raise ValueError(f'unknown scan direction {name!r}; expected one of {SCAN_DIRECTIONS}')
+    return SCAN_DIRECTIONS.index(name)
+
+
+def _check_inputs(u, delta, A, B, C, D, delta_bias, directions) -> int:
+    """Validates shapes, dtypes and devices; returns the number of channel groups."""
+    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias)
+    for name, x in named.items():
+        if x is None and name in ('D', 'delta_bias'):
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'{name} must be a torch.Tensor, got {type(x).__name__}')
+        if not x.is_floating_point():
+            raise TypeError(f'{name} must be a floating-point tensor, got {x.dtype}')
+        if x.device != u.device:
+            raise ValueError(f'{name} is on {x.device} but u is on {u.device}')
+    if u.dim() != 3 or u.shape[-1] < 1:
+        raise ValueError(f'u must be (batch, dim, L) with L >= 1, got shape {tuple(u.shape)}')
+    batch, dim, L = u.shape
+    _expect_shape('delta', delta, (batch, dim, L))
+    if A.dim() != 2 or A.shape[0] != dim or A.shape[1] < 1:
+        raise ValueError(f'A must be (dim={dim}, N) with N >= 1, got shape {tuple(A.shape)}')
+    N = A.shape[1]
+    if directions is not None and (isinstance(directions, str) or len(directions) < 1):
+        raise ValueError(f'directions must be a non-empty sequence of names from {SCAN_DIRECTIONS}, '
+                         f'got {directions!r}')
+    if B.dim() == 4:
+        groups = B.shape[1]
+        _expect_shape('B', B, (batch, groups, N, L))
+    else:
+        groups = 1 if directions is None else len(directions)
+        _expect_shape('B', B, (batch, N, L))
+    _expect_shape('C', C, tuple(B.shape))
+    if groups < 1 or dim % groups:
+        raise ValueError(f'groups ({groups}) must divide dim ({dim})')
+    if directions is not None and len(directions) != groups:
+        raise ValueError(f'len(directions) must equal groups ({groups}), got {len(directions)}')
+    for name in ('D', 'delta_bias'):
+        if named[name] is not None:
+            _expect_shape(name, named[name], (dim,))
+    return groups
+
+
+def _expect_shape(name: str, x: torch.Tensor, shape: tuple):
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f'{name} must have shape {tuple(shape)}, got {tuple(x.shape)}')
+
+
+def _check_spatial_shape(spatial_shape, L: int) -> Tuple[int, int]:
+    if spatial_shape is None:
+        return (1, L)
+    if len(spatial_shape) != 2 or any(int(s) != s or s < 1 for s in spatial_shape):
+        raise ValueError(f'spatial_shape must be (H, W) of positive ints, got {spatial_shape!r}')
+    H, W = (int(s) for s in spatial_shape)
+    if H * W != L:
+        raise ValueError(f'spatial_shape {(H, W)} has {H * W} tokens but L = {L}')
+    return (H, W)
