@@ -1,0 +1,82 @@
+"""One training iteration of a detection or segmentation config on synthetic data, timed."""
+import statistics
+import time
+from typing import Dict, Optional, Tuple
+
+import torch
+from mmengine.config import Config
+from mmengine.model import revert_sync_batchnorm
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import MODELS, init_default_scope
+
+
+def _detection_batch(batch_size: int, shape: Tuple[int, int], num_classes: int):
+    from mmdet.testing import demo_mm_inputs
+    return demo_mm_inputs(batch_size=batch_size, image_shapes=(3, *shape), num_items=[8] * batch_size,
+                          num_classes=num_classes, with_mask=True)
+
+
+def _segmentation_batch(batch_size: int, shape: Tuple[int, int], num_classes: int):
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    inputs, samples = [], []
+    for _ in range(batch_size):
+        inputs.append(torch.randint(0, 256, (3, *shape), dtype=torch.uint8))
+        sample = SegDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, pad_shape=shape))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, *shape)))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def _num_classes(model_cfg) -> int:
+    for key in ('roi_head', 'decode_head'):
+        head = model_cfg.get(key)
+        if head is not None:
+            head = head.get('bbox_head', head)
+            head = head[0] if isinstance(head, list) else head
+            return head['num_classes']
+    raise ValueError('cannot find the number of classes in the model config')
+
+
+def measure_train_iteration(config: str, shape: Tuple[int, int], batch_size: int, amp: bool = False,
+                            warmup: int = 3, steps: int = 10,
+                            device: Optional[str] = None) -> Dict[str, Optional[float]]:
+    """Median seconds per ``train_step`` and peak GPU memory (GiB) of ``config``'s model."""
+    cfg = Config.fromfile(config)
+    scope = cfg.get('default_scope', 'mmdet')
+    init_default_scope(scope)
+    if scope == 'mmdet':
+        from mmdet.utils import register_all_modules
+    else:
+        from mmseg.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+    cfg.model.pop('pretrained', None)
+    model = revert_sync_batchnorm(MODELS.build(cfg.model)).to(device).train()
+    optim_cfg = cfg.optim_wrapper.copy()
+    if amp:
+        optim_cfg.type = 'AmpOptimWrapper'
+        optim_cfg.setdefault('loss_scale', 'dynamic')
+    optim_wrapper = build_optim_wrapper(model, optim_cfg)
+    make_batch = _detection_batch if scope == 'mmdet' else _segmentation_batch
+    data = make_batch(batch_size, shape, _num_classes(cfg.model))
+
+    def step():
+        model.train_step(data, optim_wrapper)
+
+    for _ in range(warmup):
+        step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else None
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return dict(seconds=statistics.median(times), peak_gib=peak, params_m=params)

@@ -1,0 +1,116 @@
+"""Training and inference throughput of image models on one GPU (or the CPU).
+
+Timing follows the usual rules for asynchronous devices: warm-up steps first (compilation, cuDNN
+autotuning, allocator growth), then many timed steps between synchronisations, and the median of
+several timed windows. Inputs are random normal images, never zeros.
+"""
+import statistics
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _median_step_seconds(step: Callable[[], None], device: torch.device, warmup: int,
+                         steps: int, windows: int = 3) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(windows):
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _synchronize(device)
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def _peak_gib(device: torch.device) -> Optional[float]:
+    if device.type != 'cuda':
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _logits_loss(outputs, labels, teacher_labels=None):
+    """Cross-entropy on a classifier's output; a (head, distillation head) pair is trained
+    as in hard distillation (the distillation head on the teacher's argmax when given)."""
+    if isinstance(outputs, (tuple, list)):
+        head, dist = outputs
+        dist_target = labels if teacher_labels is None else teacher_labels
+        return 0.5 * F.cross_entropy(head, labels) + 0.5 * F.cross_entropy(dist, dist_target)
+    return F.cross_entropy(outputs, labels)
+
+
+def measure_training(model: torch.nn.Module,
+                     batch_size: int,
+                     image_size: int = 224,
+                     num_classes: int = 1000,
+                     amp_dtype: Optional[torch.dtype] = torch.bfloat16,
+                     teacher: Optional[torch.nn.Module] = None,
+                     warmup: int = 5,
+                     steps: int = 10,
+                     device: str = 'cuda') -> Dict[str, Optional[float]]:
+    """Images per second and peak memory of full training steps (forward, loss, backward,
+    AdamW step) under autocast ``amp_dtype`` (None: full precision). A ``teacher`` adds its
+    no-grad forward to every step, as hard distillation does."""
+    device = torch.device(device)
+    model = model.to(device).train()
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    labels = torch.randint(0, num_classes, (batch_size, ), device=device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    def step():
+        with autocast:
+            teacher_labels = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_labels = teacher(images).argmax(dim=1)
+            loss = _logits_loss(model(images), labels, teacher_labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    _reset_peak(device)
+    seconds = _median_step_seconds(step, device, warmup, steps)
+    return dict(images_per_s=batch_size / seconds, step_ms=seconds * 1e3,
+                peak_gib=_peak_gib(device))
+
+
+def measure_inference(model: torch.nn.Module,
+                      batch_size: int,
+                      image_size: int = 224,
+                      dtype: torch.dtype = torch.float32,
+                      warmup: int = 5,
+                      steps: int = 20,
+                      device: str = 'cuda') -> Dict[str, Optional[float]]:
+    """Images per second of eval-mode forwards; low-precision ``dtype`` runs under autocast."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    low_precision = dtype != torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=low_precision)
+
+    def step():
+        with torch.inference_mode(), autocast:
+            model(images)
+
+    _reset_peak(device)
+    seconds = _median_step_seconds(step, device, warmup, steps)
+    return dict(images_per_s=batch_size / seconds, step_ms=seconds * 1e3,
+                peak_gib=_peak_gib(device))

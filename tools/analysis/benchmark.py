@@ -1,0 +1,84 @@
+"""Throughput and memory of GroupMamba classifiers next to timm's Swin-T and ConvNeXt-T.
+
+    python tools/analysis/benchmark.py                       # the whole table, batch 128, 224x224
+    python tools/analysis/benchmark.py --models gm_t --teacher regnety_160   # + hard-distillation rows
+
+Training = forward, loss, backward and AdamW step under bf16 autocast; inference = eval-mode
+forward in bf16 (autocast) and in fp32. Random inputs; median of timed windows after warm-up.
+"""
+import argparse
+import json
+
+import timm
+import torch
+
+from mmgroupmamba.analysis.speed import measure_inference, measure_training
+from mmgroupmamba.models import GroupMambaClassifier
+
+MODELS = {
+    'gm_t': lambda: GroupMambaClassifier(arch='tiny'),
+    'gm_s': lambda: GroupMambaClassifier(arch='small'),
+    'gm_b': lambda: GroupMambaClassifier(arch='base'),
+    'swin_t': lambda: timm.create_model('swin_tiny_patch4_window7_224'),
+    'convnext_t': lambda: timm.create_model('convnext_tiny'),
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--image-size', type=int, default=224)
+    parser.add_argument('--steps', type=int, default=10, help='timed steps per window')
+    parser.add_argument('--teacher', default=None,
+                        help='timm name of a distillation teacher: adds "+ teacher" training rows')
+    parser.add_argument('--skip', nargs='*', default=[], choices=['train', 'bf16', 'fp32'])
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--out', help='also write the results as JSON to this file')
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    common = dict(batch_size=args.batch_size, image_size=args.image_size, device=args.device)
+    rows = []
+    for name in args.models:
+        row = dict(model=name)
+        if 'train' not in args.skip:
+            train = measure_training(MODELS[name](), steps=args.steps, **common)
+            row.update(train_img_s=train['images_per_s'], train_peak_gib=train['peak_gib'])
+        if 'bf16' not in args.skip:
+            row['infer_bf16_img_s'] = measure_inference(
+                MODELS[name](), dtype=torch.bfloat16, steps=2 * args.steps, **common)['images_per_s']
+        if 'fp32' not in args.skip:
+            row['infer_fp32_img_s'] = measure_inference(
+                MODELS[name](), dtype=torch.float32, steps=2 * args.steps, **common)['images_per_s']
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.teacher and 'train' not in args.skip:
+            teacher = timm.create_model(args.teacher)
+            train = measure_training(MODELS[name](), teacher=teacher, steps=args.steps, **common)
+            rows.append(dict(model=f'{name} + {args.teacher}', train_img_s=train['images_per_s'],
+                             train_peak_gib=train['peak_gib']))
+            print(json.dumps(rows[-1]), flush=True)
+            del teacher
+
+    columns = ['model', 'train_img_s', 'infer_bf16_img_s', 'infer_fp32_img_s', 'train_peak_gib']
+    print(f'\nbatch {args.batch_size}, {args.image_size}x{args.image_size}, device {args.device}'
+          f' ({torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}),'
+          f' torch {torch.__version__}')
+    print('| ' + ' | '.join(columns) + ' |')
+    print('|' + '---|' * len(columns))
+    for row in rows:
+        cells = [row['model']] + [
+            '-' if row.get(c) is None else f'{row[c]:.1f}' for c in columns[1:]
+        ]
+        print('| ' + ' | '.join(cells) + ' |')
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
