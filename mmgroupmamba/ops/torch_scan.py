@@ -1,16 +1,18 @@
 """PyTorch backend of the selective scan (any device; the path CPU tensors take).
 
-The recurrence ``h_t = a_t * h_{t-1} + b_t`` is solved with a log-depth doubling (Hillis-Steele)
-scan over the pairs ``(a_t, b_t) = (exp(delta_t A), delta_t B_t u_t)``: ``ceil(log2 L)`` rounds of
-whole-tensor arithmetic instead of ``L`` Python steps. It only multiplies decay factors together
-(never divides by them, never exponentiates a cumulative sum), so long sequences stay finite.
-Memory is a few ``(batch, dim, N, L)`` tensors. Backward recomputes the states and runs the same
-scan in reverse for the adjoint; nothing but the inputs is kept between the two.
+The recurrence ``h_t = a_t * h_{t-1} + b_t`` over the pairs ``(a_t, b_t) = (exp(delta_t A),
+delta_t B_t u_t)`` is solved as a two-level chunked scan (:func:`_linear_scan`): about
+``2 * sqrt(L)`` whole-slab tensor operations instead of ``L`` Python steps of autograd. It only
+multiplies decay factors together (never divides by them, never exponentiates a cumulative sum),
+so long sequences stay finite. Memory is a few ``(L, batch, dim, N)`` tensors. Backward recomputes
+the states and runs the same scan in reverse for the adjoint; nothing but the inputs is kept.
 
-Shapes follow the backend contract in :mod:`mmgroupmamba.ops.selective_scan`: inside, tensors are
-viewed as ``(batch, groups, dim // groups, N, L)`` so that group ``g``'s B/C broadcast over its
-channels.
+Shapes follow the backend contract in :mod:`mmgroupmamba.ops.selective_scan`. Inside, tensors
+are laid out scan-step-major, ``(L, batch, groups, dim // groups, N)``, so that every step of the
+scan is one contiguous slab and group ``g``'s B/C broadcast over its channels.
 """
+import functools
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -23,13 +25,12 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, s
                  out_dtype):
     """Returns ``(y, saved)``; ``y`` is ``(batch, dim, L)`` in ``out_dtype``, ``saved`` is empty."""
     dtype = _compute_dtype(u, delta, A, B, C)
-    order, inverse = _permutations(directions, spatial_shape, u.device)
-    delta = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
+    to_scan, to_storage = _permutations(directions, spatial_shape, u.shape[0], u.device)
     u = u.to(dtype)
-    a, bu, C5 = _scan_inputs(u, delta, A, B, C, order, dtype)
+    delta = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
+    a, bu, _, _, _, C5 = _scan_inputs(u, delta, A, B, C, to_scan, dtype)
     h = _linear_scan(a, bu)
-    y = (h * C5).sum(3).flatten(1, 2)
-    y = _from_scan_order(y, inverse)
+    y = _row_major((h * C5).sum(-1), to_storage).flatten(1, 2)
     if D is not None:
         y = y + D.to(dtype)[:, None] * u
     return y.to(out_dtype), ()
@@ -39,47 +40,36 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
                   dy, saved):
     """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)`` in the compute dtype."""
     dtype = _compute_dtype(u, delta, A, B, C)
-    order, inverse = _permutations(directions, spatial_shape, u.device)
-    batch, dim, L = u.shape
-    groups, N = B.shape[1], B.shape[2]
-    raw_delta = delta.to(dtype)
-    delta = _effective_delta(raw_delta, delta_bias, delta_softplus)
+    to_scan, to_storage = _permutations(directions, spatial_shape, u.shape[0], u.device)
     u = u.to(dtype)
     dy = dy.to(dtype)
-
-    a, bu, C5 = _scan_inputs(u, delta, A, B, C, order, dtype)
+    raw_delta = delta.to(dtype)
+    delta = _effective_delta(raw_delta, delta_bias, delta_softplus)
+    a, bu, u5, delta5, B5, C5 = _scan_inputs(u, delta, A, B, C, to_scan, dtype)
     h = _linear_scan(a, bu)
     del bu
-    dy5 = _to_scan_order(dy, order).reshape(batch, groups, dim // groups, 1, L)
-    dC = (dy5 * h).sum(2)
-    # Adjoint g_t = dL/d(b_t) obeys g_t = a_{t+1} g_{t+1} + C_t dy_t: the same scan, backwards.
-    a_next = torch.zeros_like(a)
-    a_next[..., :-1] = a[..., 1:]
-    g = _linear_scan(a_next, dy5 * C5, reverse=True)
-    del a_next, C5
-    # d(delta_t A) = g_t * h_{t-1} * a_t.
-    h_prev = torch.zeros_like(h)
-    h_prev[..., 1:] = h[..., :-1]
-    del h
-    dlog_a = g * h_prev * a
-    del h_prev, a
+    dy5 = _scan_major(dy, to_scan, B.shape[1]).unsqueeze(-1)
+    dC = (dy5 * h).sum(3)
+    # The adjoint g_t = dL/db_t obeys g_t = a_{t+1} g_{t+1} + C_t dy_t: the same scan, backwards.
+    g = _linear_scan(a, dy5 * C5, adjoint=True)
+    # dL/d(delta_t A) = g_t * a_t * h_{t-1}, with h_{-1} = 0.
+    dlog_a = g * a
+    dlog_a[1:] *= h[:-1]
+    dlog_a[0] = 0
+    del h, a
 
-    delta5 = _to_scan_order(delta, order).reshape(batch, groups, dim // groups, 1, L)
-    u5 = _to_scan_order(u, order).reshape(batch, groups, dim // groups, 1, L)
-    B5 = _to_scan_order(B.to(dtype), order).unsqueeze(2)
-    gB = (g * B5).sum(3, keepdim=True)
-    dB = (g * (delta5 * u5)).sum(2)
+    gB = (g * B5).sum(-1, keepdim=True)
+    dB = (g * (delta5 * u5)).sum(3)
     del g
-    dA = (dlog_a * delta5).sum((0, 4)).reshape(dim, N)
-    A5 = A.to(dtype).reshape(1, groups, dim // groups, N, 1)
-    ddelta = (dlog_a * A5).sum(3, keepdim=True) + gB * u5
+    A5 = A.to(dtype).reshape(B.shape[1], -1, A.shape[1])
+    dA = (dlog_a * delta5).sum((0, 1)).reshape(A.shape)
+    ddelta = (dlog_a * A5).sum(-1, keepdim=True) + gB * u5
     du = gB * delta5
 
-    du = _from_scan_order(du.flatten(1, 3), inverse)
-    ddelta = _from_scan_order(ddelta.flatten(1, 3), inverse)
-    dB = _from_scan_order(dB, inverse)
-    dC = _from_scan_order(dC, inverse)
-
+    du = _row_major(du.squeeze(-1), to_storage).flatten(1, 2)
+    ddelta = _row_major(ddelta.squeeze(-1), to_storage).flatten(1, 2)
+    dB = _row_major(dB, to_storage)
+    dC = _row_major(dC, to_storage)
     dD = None
     if D is not None:
         du = du + D.to(dtype)[:, None] * dy
@@ -98,27 +88,21 @@ def _compute_dtype(*tensors) -> torch.dtype:
     return torch.float32
 
 
-def _permutations(directions, spatial_shape, device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def _permutations(directions, spatial_shape, batch, device) -> Tuple[Optional[torch.Tensor], ...]:
+    """Row indices of the scan-major ``(L * batch * groups)`` rows into scan order and back."""
     if all(d == 0 for d in directions):
-        return None, None  # plain row-major scan: no gather needed
-    return scan_permutation(tuple(directions), *spatial_shape, device)
+        return None, None  # plain row-major scan: no reordering needed
+    return _scan_rows(tuple(directions), *spatial_shape, batch, device)
 
 
-def _to_scan_order(x: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x`` is ``(batch, dim, L)`` (group-major channels) or ``(batch, groups, N, L)``."""
-    return x if order is None else _gather_groups(x, order)
-
-
-def _from_scan_order(x: torch.Tensor, inverse: Optional[torch.Tensor]) -> torch.Tensor:
-    return x if inverse is None else _gather_groups(x, inverse)
-
-
-def _gather_groups(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gathers along L with one index row per channel group; ``index`` is ``(groups, L)``."""
-    groups, L = index.shape
-    grouped = x.reshape(x.shape[0], groups, -1, L)
-    out = grouped.gather(-1, index[None, :, None, :].expand(grouped.shape))
-    return out.view(x.shape)
+@functools.lru_cache(maxsize=16)
+def _scan_rows(directions, H, W, batch, device):
+    # Row (t, b, g) of the scan-major layout is token order[g, t] of image b, group g.
+    groups = len(directions)
+    samples = torch.arange(batch, device=device)[None, :, None]
+    group_ids = torch.arange(groups, device=device)
+    return tuple(((index.t()[:, None, :] * batch + samples) * groups + group_ids).flatten()
+                 for index in scan_permutation(directions, H, W, device))
 
 
 def _effective_delta(delta, delta_bias, delta_softplus):
@@ -129,40 +113,84 @@ def _effective_delta(delta, delta_bias, delta_softplus):
     return delta
 
 
-def _scan_inputs(u, delta, A, B, C, order, dtype):
-    """Decays ``a``, inputs ``b`` (both ``(batch, groups, dim/groups, N, L)``) and C in scan order."""
-    batch, dim, L = u.shape
+def _scan_inputs(u, delta, A, B, C, to_scan, dtype):
+    """Scan-major decays ``a`` and inputs ``b`` (both ``(L, batch, groups, dim/groups, N)``).
+
+    Also returns the broadcastable factors ``u5, delta5`` (``(L, batch, groups, dim/groups, 1)``)
+    and ``B5, C5`` (``(L, batch, groups, 1, N)``) that backward reuses.
+    """
     groups, N = B.shape[1], B.shape[2]
-    delta5 = _to_scan_order(delta, order).reshape(batch, groups, dim // groups, 1, L)
-    u5 = _to_scan_order(u, order).reshape(batch, groups, dim // groups, 1, L)
-    B5 = _to_scan_order(B.to(dtype), order).unsqueeze(2)
-    C5 = _to_scan_order(C.to(dtype), order).unsqueeze(2)
-    A5 = A.to(dtype).reshape(1, groups, dim // groups, N, 1)
+    u5 = _scan_major(u, to_scan, groups).unsqueeze(-1)
+    delta5 = _scan_major(delta, to_scan, groups).unsqueeze(-1)
+    B5 = _scan_major(B.to(dtype), to_scan, groups).unsqueeze(3)
+    C5 = _scan_major(C.to(dtype), to_scan, groups).unsqueeze(3)
+    A5 = A.to(dtype).reshape(groups, -1, N)
     a = torch.exp(delta5 * A5)
     bu = (delta5 * u5) * B5
-    return a, bu, C5
+    return a, bu, u5, delta5, B5, C5
 
 
-def _linear_scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """Solves ``h_t = a_t h_{t-1} + b_t`` (``h_{-1} = 0``) along the last dim by doubling.
+def _scan_major(x: torch.Tensor, rows: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+    """``(batch, dim, L)`` or ``(batch, groups, N, L)`` -> scan order, ``(L, batch, groups, -1)``."""
+    x = x.reshape(x.shape[0], groups, -1, x.shape[-1]).permute(3, 0, 1, 2).contiguous()
+    if rows is None:
+        return x
+    # Whole contiguous rows of dim/groups (or N) values: cheaper than an element-wise gather.
+    return x.view(-1, x.shape[-1]).index_select(0, rows).view(x.shape)
 
-    With ``reverse``, solves ``h_t = a_t h_{t+1} + b_t`` (``h_L = 0``) instead. After round ``k``
-    (span ``s = 2**k``), ``h_t`` holds the contribution of ``b_{t-2s+1..t}`` and ``a_t`` the
-    product of ``a_{t-2s+1..t}``; the right-hand sides are built before the in-place updates.
+
+def _row_major(x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`_scan_major`: ``(L, batch, groups, K)`` -> ``(batch, groups, K, L)``."""
+    if rows is not None:
+        x = x.reshape(-1, x.shape[-1]).index_select(0, rows).view(x.shape)
+    return x.permute(1, 2, 3, 0).contiguous()
+
+
+def _linear_scan(a: torch.Tensor, b: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+    """Solves ``h_t = a_t h_{t-1} + b_t`` (``h_{-1} = 0``) along dim 0 of ``(L, ...)`` tensors.
+
+    With ``adjoint``, solves the transposed recurrence ``g_t = a_{t+1} g_{t+1} + b_t``
+    (``g_{L-1} = b_{L-1}``) that backward needs, running from ``t = L - 1`` down to 0.
+
+    Two levels, each a short Python loop over whole slabs: ``L`` is cut into ``n`` chunks of
+    ``T ~ sqrt(L)`` steps (padded with the identity pair ``a = 1, b = 0``). The first loop scans
+    all chunks at once from a zero state while turning the decays into running products inside
+    each chunk; the second carries each chunk's final state into the next; one fused update then
+    adds ``running product * incoming carry`` everywhere.
     """
-    a = a.clone()
-    h = b.clone()
-    L = h.shape[-1]
-    span = 1
-    while span < L:
-        if reverse:
-            h[..., :-span] += a[..., :-span] * h[..., span:]
-        else:
-            h[..., span:] += a[..., span:] * h[..., :-span]
-        if 2 * span < L:
-            if reverse:
-                a[..., :-span] = a[..., :-span] * a[..., span:]
-            else:
-                a[..., span:] = a[..., span:] * a[..., :-span]
-        span *= 2
-    return h
+    L = a.shape[0]
+    T = max(1, math.isqrt(L))
+    n = -(-L // T)
+    pad = n * T - L
+    decay = a.new_empty((n * T,) + a.shape[1:])
+    h = b.new_empty(decay.shape)
+    if adjoint:
+        # Stored back to front: padding first; decay[pad + t] = a_{t+1}. The decay at t = L - 1
+        # only ever meets the zero state past the end, so any finite value will do.
+        decay[:pad] = 1
+        decay[pad:-1] = a[1:]
+        decay[-1] = 1
+        h[:pad] = 0
+        h[pad:] = b
+    else:
+        decay[:L] = a
+        decay[L:] = 1
+        h[:L] = b
+        h[L:] = 0
+    decay = decay.view(n, T, -1)
+    h = h.view(n, T, -1)
+
+    last = 0 if adjoint else T - 1  # the step that ends a chunk
+    for t in (range(T - 2, -1, -1) if adjoint else range(1, T)):
+        prev = t + 1 if adjoint else t - 1
+        h[:, t].addcmul_(decay[:, t], h[:, prev])
+        decay[:, t].mul_(decay[:, prev])
+    carry = h.new_empty(h[:, 0].shape)
+    first = n - 1 if adjoint else 0
+    carry[first] = 0
+    for c in (range(n - 2, -1, -1) if adjoint else range(1, n)):
+        prev = c + 1 if adjoint else c - 1
+        torch.addcmul(h[prev, last], decay[prev, last], carry[prev], out=carry[c])
+    h.addcmul_(decay, carry[:, None])
+    h = h.view((n * T,) + a.shape[1:])
+    return h[pad:] if adjoint else h[:L]
