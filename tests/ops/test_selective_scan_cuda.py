@@ -1,0 +1,199 @@
+"""Triton selective-scan kernels against the float64 torch reference.
+
+The CUDA tests need a GPU; ``test_interpreter_matches_reference`` runs the same kernels on the CPU
+through Triton's interpreter (small shapes, short chunks so that the carry between chunks is used).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+triton = pytest.importorskip('triton')
+
+from mmgroupmamba.ops import selective_scan, torch_scan, triton_scan  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+
+# (dims per group, L) of the four stages at 224 x 224; four groups, one per scan direction.
+STAGES = {
+    'tiny': ((16, 3136), (32, 784), (87, 196), (112, 49)),
+    'small': ((16, 3136), (32, 784), (87, 196), (128, 49)),
+    'base': ((24, 3136), (48, 784), (106, 196), (128, 49)),
+}
+ALL_DIRECTIONS = (0, 1, 2, 3)
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def make_inputs(batch, dim, groups, N, H, W, dtype, device, with_d=True, with_bias=True):
+    """Random scan inputs in the ranges GroupMamba produces (negative A, softplus-sized delta)."""
+    L = H * W
+    kw = dict(device=device)
+    return dict(
+        u=torch.randn(batch, dim, L, **kw).to(dtype),
+        delta=(0.5 * torch.randn(batch, dim, L, **kw)).to(dtype),
+        A=-(0.2 + torch.rand(dim, N, **kw)),
+        B=torch.randn(batch, groups, N, L, **kw).to(dtype),
+        C=torch.randn(batch, groups, N, L, **kw).to(dtype),
+        D=torch.randn(dim, **kw) if with_d else None,
+        delta_bias=0.3 * torch.randn(dim, **kw) if with_bias else None,
+    )
+
+
+def relative_error(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_against_reference(inputs, directions, spatial_shape, softplus=True, out_dtype=None):
+    names = ('u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias')
+    args = tuple(inputs[n] for n in names)
+    out_dtype = out_dtype or inputs['u'].dtype
+    tol = TOLERANCE[inputs['u'].dtype]
+    y, saved = triton_scan.scan_forward(*args, softplus, directions, spatial_shape, out_dtype)
+    dy = torch.randn_like(y, dtype=torch.float32).to(y.dtype)
+    grads = triton_scan.scan_backward(*args, softplus, directions, spatial_shape, dy, saved)
+
+    args64 = tuple(None if a is None else a.double() for a in args)
+    y_ref, _ = torch_scan.scan_forward(*args64, softplus, directions, spatial_shape, torch.float64)
+    grads_ref = torch_scan.scan_backward(*args64, softplus, directions, spatial_shape,
+                                         dy.double(), ())
+    assert y.dtype == out_dtype
+    assert relative_error(y, y_ref) < tol, 'y'
+    for name, grad, ref, arg in zip(names, grads, grads_ref, args):
+        if arg is None:
+            assert grad is None, name
+            continue
+        assert grad.shape == arg.shape and grad.dtype == arg.dtype, name
+        assert torch.isfinite(grad).all(), name  # NaN poison left anywhere means a missed write
+        if ref.abs().max() > 0:  # dA is exactly zero for L = 1
+            assert relative_error(grad, ref) < tol, f'd{name}: {relative_error(grad, ref):.2e}'
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element the kernels never write fails the check."""
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float('nan'), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_scan, '_empty', nan_empty)
+
+
+@requires_cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('batch', [1, 128])
+@pytest.mark.parametrize('arch', list(STAGES))
+def test_groupmamba_stages(arch, batch, dtype, poisoned_outputs):
+    torch.manual_seed(0)
+    for dim_per_group, L in STAGES[arch]:
+        side = int(L**0.5)
+        inputs = make_inputs(batch, 4 * dim_per_group, 4, 1, side, side, dtype, 'cuda')
+        check_against_reference(inputs, ALL_DIRECTIONS, (side, side))
+
+
+@requires_cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('H, W', [(200, 304), (334, 200)])
+def test_detection_sizes(H, W, dtype, poisoned_outputs):
+    # Stage 1 of 800 x 1216 and 1333 x 800 inputs: L = 60,800 and 66,800, many chunks.
+    torch.manual_seed(1)
+    inputs = make_inputs(1, 64, 4, 1, H, W, dtype, 'cuda')
+    check_against_reference(inputs, ALL_DIRECTIONS, (H, W))
+
+
+@requires_cuda
+@pytest.mark.parametrize('case', [
+    dict(H=1, W=1),                                       # L = 1
+    dict(H=7, W=13, N=3, with_d=False, with_bias=False),  # odd sizes, several states, no D/bias
+    dict(H=37, W=41, groups=2, softplus=False, directions=(3, 1)),
+    dict(H=50, W=40, groups=1, directions=(0, )),         # one row-major group, vectorised path
+])
+def test_edge_cases(case, poisoned_outputs):
+    torch.manual_seed(2)
+    groups = case.get('groups', 4)
+    inputs = make_inputs(2, 5 * groups, groups, case.get('N', 1), case['H'], case['W'],
+                         torch.float32, 'cuda', case.get('with_d', True),
+                         case.get('with_bias', True))
+    if not case.get('softplus', True):
+        inputs['delta'] = inputs['delta'].abs()  # a step must not grow the state: delta >= 0
+    check_against_reference(inputs, case.get('directions', ALL_DIRECTIONS)[:groups],
+                            (case['H'], case['W']), softplus=case.get('softplus', True))
+
+
+@requires_cuda
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_in_float32_out(dtype, poisoned_outputs):
+    torch.manual_seed(3)
+    inputs = make_inputs(4, 64, 4, 1, 28, 28, dtype, 'cuda')
+    check_against_reference(inputs, ALL_DIRECTIONS, (28, 28), out_dtype=torch.float32)
+
+
+@requires_cuda
+def test_public_op_dispatches_to_triton():
+    torch.manual_seed(5)
+    inputs = make_inputs(2, 32, 4, 1, 9, 10, torch.float32, 'cuda')
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    names = ('left_right', 'top_bottom', 'right_left', 'bottom_top')
+    y = selective_scan(**leaves, delta_softplus=True, spatial_shape=(9, 10), directions=names)
+    y.square().sum().backward()
+    cpu = {k: v.detach().cpu().double().requires_grad_() for k, v in inputs.items()}
+    y_ref = selective_scan(**cpu, delta_softplus=True, spatial_shape=(9, 10), directions=names)
+    y_ref.square().sum().backward()
+    assert relative_error(y.cpu(), y_ref) < 1e-5
+    for name in inputs:
+        assert relative_error(leaves[name].grad.cpu(), cpu[name].grad) < 1e-5, name
+
+
+@requires_cuda
+def test_detection_sizes_reuse_compiled_kernels():
+    """20 image sizes through all four stages compile a bounded set of kernels, not one per size."""
+    torch.manual_seed(4)
+    sizes = [(608 + 32 * (i % 7), 800 + 40 * i) for i in range(20)]
+    dims = (64, 128, 348, 448)
+    before = triton_scan.compiled_kernel_count()
+    for height, width in sizes:
+        for stage, dim in enumerate(dims):
+            H, W = height // 4 >> stage, width // 4 >> stage
+            inputs = make_inputs(2, dim, 4, 1, H, W, torch.float32, 'cuda')
+            args = tuple(inputs.values())
+            y, saved = triton_scan.scan_forward(*args, True, ALL_DIRECTIONS, (H, W), torch.float32)
+            triton_scan.scan_backward(*args, True, ALL_DIRECTIONS, (H, W), y, saved)
+    compiled = triton_scan.compiled_kernel_count() - before
+    print(f'kernels compiled for 20 detection sizes x 4 stages: {compiled}')
+    # Per stage and kernel: L % 4 == 0 or not, and at most two chunk lengths (stage 4 is short).
+    assert compiled <= 4 * 2 * 2 * 2
+
+
+INTERPRETER_CHECK = textwrap.dedent('''
+    import torch
+    from mmgroupmamba.ops import torch_scan, triton_scan
+    triton_scan._MAX_CHUNK = 16  # several chunks even for these short sequences
+    torch.manual_seed(0)
+    cases = [(2, 8, 4, 2, 5, 7, (0, 1, 2, 3)), (1, 6, 2, 1, 3, 11, (0, 0)), (2, 8, 4, 1, 6, 4, (3, 2, 1, 0))]
+    for batch, dim, groups, N, H, W, directions in cases:
+        L = H * W
+        args = (torch.randn(batch, dim, L), 0.5 * torch.randn(batch, dim, L), -0.2 - torch.rand(dim, N),
+                torch.randn(batch, groups, N, L), torch.randn(batch, groups, N, L), torch.randn(dim),
+                0.3 * torch.randn(dim))
+        y, saved = triton_scan.scan_forward(*args, True, directions, (H, W), torch.float32)
+        dy = torch.randn_like(y)
+        grads = triton_scan.scan_backward(*args, True, directions, (H, W), dy, saved)
+        args64 = tuple(a.double() for a in args)
+        y_ref, _ = torch_scan.scan_forward(*args64, True, directions, (H, W), torch.float64)
+        refs = torch_scan.scan_backward(*args64, True, directions, (H, W), dy.double(), ())
+        for out, ref in zip((y, ) + grads, (y_ref, ) + refs):
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            assert err < 1e-5, (L, err)
+    print('ok')
+''')
+
+
+def test_interpreter_matches_reference():
+    # TRITON_INTERPRET must be set before triton is imported, hence the fresh interpreter.
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, '-c', INTERPRETER_CHECK], env=env, cwd=repo_root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
