@@ -1,0 +1,2 @@
+from .imagenet import ImageNetFolder
+from .transforms import LoadPILImage, PackClsInputs, TimmTransform
