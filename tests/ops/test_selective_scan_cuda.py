@@ -117,7 +117,9 @@ def test_edge_cases(case, poisoned_outputs):
                          torch.float32, 'cuda', case.get('with_d', True),
                          case.get('with_bias', True))
     if not case.get('softplus', True):
-        inputs['delta'] = inputs['delta'].abs()  # a step must not grow the state: delta >= 0
+        # A step must not grow the state: delta + delta_bias >= 0 without softplus.
+        inputs['delta'] = inputs['delta'].abs()
+        inputs['delta_bias'] = inputs['delta_bias'].abs()
     check_against_reference(inputs, case.get('directions', ALL_DIRECTIONS)[:groups],
                             (case['H'], case['W']), softplus=case.get('softplus', True))
 
