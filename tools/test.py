@@ -1,0 +1,55 @@
+"""Test (and evaluate) a checkpoint with an mmdet, mmseg or mmgroupmamba (classification) config.
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE] [--show]
+        [--show-dir DIR] [--tta] [--cfg-options KEY=VALUE ...] [--launcher ...]
+
+--out: detection/classification dump predictions to a .pkl file; segmentation writes one PNG
+label map per image into the directory given. Distributed: tools/dist_test.sh CONFIG CKPT GPUS.
+"""
+import argparse
+import os
+
+from mmengine.config import DictAction
+
+from mmgroupmamba.engine.runner import build_runner, configure_test, load_config
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('config', help='test config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='where the metrics and logs go '
+                        '(default: the config\'s work_dir, else work_dirs/<config name>)')
+    parser.add_argument('--out', help='dump predictions: a .pkl file (detection, '
+                        'classification) or a directory of PNG label maps (segmentation)')
+    parser.add_argument('--show', action='store_true', help='display painted predictions')
+    parser.add_argument('--show-dir', help='save painted predictions (mmdet: under '
+                        '<work_dir>/<timestamp>/DIR; mmseg: DIR/vis_data/vis_image)')
+    parser.add_argument('--wait-time', type=float, default=2.0,
+                        help='seconds each image is shown with --show')
+    parser.add_argument('--tta', action='store_true',
+                        help='test-time augmentation with the config\'s tta_model/tta_pipeline')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
+                        help='override config entries, e.g. test_dataloader.batch_size=1')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank (newer) or --local_rank (older).
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser, parser.parse_args()
+
+
+def main():
+    parser, args = parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    try:
+        cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
+        configure_test(cfg, args.checkpoint, out=args.out, show=args.show,
+                       show_dir=args.show_dir, wait_time=args.wait_time, tta=args.tta)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    build_runner(cfg).test()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,51 @@
+"""Train a model from an mmdet, mmseg or mmgroupmamba (classification) config.
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--auto-scale-lr]
+        [--cfg-options KEY=VALUE ...] [--launcher {none,pytorch,slurm,mpi}]
+
+Distributed: tools/dist_train.sh CONFIG GPUS [options].
+"""
+import argparse
+import os
+
+from mmengine.config import DictAction
+
+from mmgroupmamba.engine.runner import build_runner, configure_train, load_config
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('config', help='train config file')
+    parser.add_argument('--work-dir', help='where logs and checkpoints go '
+                        '(default: the config\'s work_dir, else work_dirs/<config name>)')
+    parser.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
+                        help='resume from CKPT; without CKPT, from the latest checkpoint in '
+                        'the work dir')
+    parser.add_argument('--amp', action='store_true',
+                        help='automatic mixed precision (AmpOptimWrapper, dynamic loss scale)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the learning rate to the actual total batch size')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
+                        help='override config entries, e.g. train_cfg.max_iters=100 '
+                        'or key="[a,b]" for lists')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank (newer) or --local_rank (older).
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser, parser.parse_args()
+
+
+def main():
+    parser, args = parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    try:
+        cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
+        configure_train(cfg, resume=args.resume, amp=args.amp, auto_scale_lr=args.auto_scale_lr)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    build_runner(cfg).train()
+
+
+if __name__ == '__main__':
+    main()
