@@ -29,7 +29,7 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, s
     u = u.to(dtype)
     delta = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
     a, bu, _, _, _, C5 = _scan_inputs(u, delta, A, B, C, to_scan, dtype)
-    h = _linear_scan(a, bu)
+    h = _linear_scan(a, bu, overwrite=True)
     y = _row_major((h * C5).sum(-1), to_storage).flatten(1, 2)
     if D is not None:
         y = y + D.to(dtype)[:, None] * u
@@ -46,12 +46,11 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
     raw_delta = delta.to(dtype)
     delta = _effective_delta(raw_delta, delta_bias, delta_softplus)
     a, bu, u5, delta5, B5, C5 = _scan_inputs(u, delta, A, B, C, to_scan, dtype)
-    h = _linear_scan(a, bu)
-    del bu
+    h = _linear_scan(a.clone(), bu, overwrite=True)  # a is needed again below
     dy5 = _scan_major(dy, to_scan, B.shape[1]).unsqueeze(-1)
     dC = (dy5 * h).sum(3)
     # The adjoint g_t = dL/db_t obeys g_t = a_{t+1} g_{t+1} + C_t dy_t: the same scan, backwards.
-    g = _linear_scan(a, dy5 * C5, adjoint=True)
+    g = _linear_scan(a, dy5 * C5, adjoint=True, overwrite=True)
     # dL/d(delta_t A) = g_t * a_t * h_{t-1}, with h_{-1} = 0.
     dlog_a = g * a
     dlog_a[1:] *= h[:-1]
@@ -146,37 +145,35 @@ def _row_major(x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
     return x.permute(1, 2, 3, 0).contiguous()
 
 
-def _linear_scan(a: torch.Tensor, b: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+def _linear_scan(a: torch.Tensor, b: torch.Tensor, adjoint: bool = False,
+                 overwrite: bool = False) -> torch.Tensor:
     """Solves ``h_t = a_t h_{t-1} + b_t`` (``h_{-1} = 0``) along dim 0 of ``(L, ...)`` tensors.
 
     With ``adjoint``, solves the transposed recurrence ``g_t = a_{t+1} g_{t+1} + b_t``
     (``g_{L-1} = b_{L-1}``) that backward needs, running from ``t = L - 1`` down to 0.
+    With ``overwrite``, ``a`` and ``b`` are scratch the scan may reuse (saves copies); the adjoint
+    scan never overwrites ``a``.
 
     Two levels, each a short Python loop over whole slabs: ``L`` is cut into ``n`` chunks of
-    ``T ~ sqrt(L)`` steps (padded with the identity pair ``a = 1, b = 0``). The first loop scans
-    all chunks at once from a zero state while turning the decays into running products inside
-    each chunk; the second carries each chunk's final state into the next; one fused update then
-    adds ``running product * incoming carry`` everywhere.
+    ``T ~ sqrt(L)`` steps (padded with the identity pair ``a = 1, b = 0`` when no divisor of ``L``
+    is close). The first loop scans all chunks at once from a zero state while turning the decays
+    into running products inside each chunk; the second carries each chunk's final state into
+    the next; one fused update then adds ``running product * incoming carry`` everywhere.
     """
     L = a.shape[0]
-    T = max(1, math.isqrt(L))
+    T = _chunk_length(L)
     n = -(-L // T)
     pad = n * T - L
-    decay = a.new_empty((n * T,) + a.shape[1:])
-    h = b.new_empty(decay.shape)
     if adjoint:
-        # Stored back to front: padding first; decay[pad + t] = a_{t+1}. The decay at t = L - 1
-        # only ever meets the zero state past the end, so any finite value will do.
+        # Stored back to front: padding first, then decay[pad + t] = a_{t+1}. The decay at
+        # t = L - 1 only ever meets the zero state past the end, so any finite value will do.
+        decay = a.new_empty((n * T,) + a.shape[1:])
         decay[:pad] = 1
         decay[pad:-1] = a[1:]
         decay[-1] = 1
-        h[:pad] = 0
-        h[pad:] = b
     else:
-        decay[:L] = a
-        decay[L:] = 1
-        h[:L] = b
-        h[L:] = 0
+        decay = _pad(a, n * T, 1, overwrite)
+    h = _pad(b, n * T, 0, overwrite, front=adjoint)
     decay = decay.view(n, T, -1)
     h = h.view(n, T, -1)
 
@@ -186,11 +183,35 @@ def _linear_scan(a: torch.Tensor, b: torch.Tensor, adjoint: bool = False) -> tor
         h[:, t].addcmul_(decay[:, t], h[:, prev])
         decay[:, t].mul_(decay[:, prev])
     carry = h.new_empty(h[:, 0].shape)
-    first = n - 1 if adjoint else 0
-    carry[first] = 0
+    carry[n - 1 if adjoint else 0] = 0
     for c in (range(n - 2, -1, -1) if adjoint else range(1, n)):
         prev = c + 1 if adjoint else c - 1
         torch.addcmul(h[prev, last], decay[prev, last], carry[prev], out=carry[c])
     h.addcmul_(decay, carry[:, None])
     h = h.view((n * T,) + a.shape[1:])
     return h[pad:] if adjoint else h[:L]
+
+
+def _chunk_length(L: int) -> int:
+    """A divisor of ``L`` in ``[sqrt(L) / 2, sqrt(L)]`` (no padding) if there is one."""
+    root = math.isqrt(L)
+    for T in range(root, max(1, root // 2) - 1, -1):
+        if L % T == 0:
+            return T
+    return root
+
+
+def _pad(x: torch.Tensor, length: int, value: float, overwrite: bool,
+         front: bool = False) -> torch.Tensor:
+    """``x`` padded along dim 0 to ``length`` with ``value`` (at the front if ``front``)."""
+    if length == x.shape[0]:
+        return x if overwrite else x.clone()
+    out = x.new_empty((length,) + x.shape[1:])
+    pad = length - x.shape[0]
+    if front:
+        out[:pad] = value
+        out[pad:] = x
+    else:
+        out[:x.shape[0]] = x
+        out[x.shape[0]:] = value
+    return out
