@@ -1,2 +1,3 @@
 __version__ = '0.1.0'
 from . import engine
+from . import datasets, evaluation, models

@@ -78,9 +78,9 @@ test_evaluator = val_evaluator
 # No weight decay where the official optimizer has none: 1-D parameters and biases, i.e. all
 # norms (incl. the stacked SS2D output norms), biases, D and skip_scale. A_log and the dt bias
 # are 2-D in the official model ((d, 1) and (1, d)), so it decays them, and so do we.
+# AMP: fp16 autocast, dynamic loss scale (on a CPU: --cfg-options optim_wrapper.type=OptimWrapper).
 optim_wrapper = dict(
     type='AmpOptimWrapper',
-    loss_scale='dynamic',
     optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),
     clip_grad=dict(max_norm=5.0),
     paramwise_cfg=dict(
