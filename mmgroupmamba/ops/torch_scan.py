@@ -177,16 +177,20 @@ def _linear_scan(a: torch.Tensor, b: torch.Tensor, adjoint: bool = False,
     decay = decay.view(n, T, -1)
     h = h.view(n, T, -1)
 
-    last = 0 if adjoint else T - 1  # the step that ends a chunk
+    # Views made once: indexing slabs inside the loops would dominate for short chunks.
+    steps, step_decays = h.unbind(1), decay.unbind(1)
     for t in (range(T - 2, -1, -1) if adjoint else range(1, T)):
         prev = t + 1 if adjoint else t - 1
-        h[:, t].addcmul_(decay[:, t], h[:, prev])
-        decay[:, t].mul_(decay[:, prev])
+        steps[t].addcmul_(step_decays[t], steps[prev])
+        step_decays[t].mul_(step_decays[prev])  # a slab loop beats cumprod along a middle dim
+    last = 0 if adjoint else T - 1  # the step that ends a chunk
+    ends, end_decays = h[:, last].unbind(0), decay[:, last].unbind(0)
     carry = h.new_empty(h[:, 0].shape)
-    carry[n - 1 if adjoint else 0] = 0
+    carries = carry.unbind(0)
+    carries[n - 1 if adjoint else 0].zero_()
     for c in (range(n - 2, -1, -1) if adjoint else range(1, n)):
         prev = c + 1 if adjoint else c - 1
-        torch.addcmul(h[prev, last], decay[prev, last], carry[prev], out=carry[c])
+        torch.addcmul(ends[prev], end_decays[prev], carries[prev], out=carries[c])
     h.addcmul_(decay, carry[:, None])
     h = h.view((n * T,) + a.shape[1:])
     return h[pad:] if adjoint else h[:L]
