@@ -33,6 +33,7 @@ every other device, to :mod:`mmgroupmamba.ops.torch_scan`). Each backend module 
 from typing import Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import torch_scan
 from ._directions import SCAN_DIRECTIONS
@@ -104,6 +105,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         u, delta, A, B, C, D, delta_bias, *saved = ctx.saved_tensors
         backend, delta_softplus, directions, spatial_shape = ctx.config

@@ -1,8 +1,8 @@
 """PyTorch backend of the selective scan (any device; the path CPU tensors take).
 
 The recurrence ``h_t = a_t * h_{t-1} + b_t`` over the pairs ``(a_t, b_t) = (exp(delta_t A),
-delta_t B_t u_t)`` is solved as a two-level chunked scan (:func:`_linear_scan`): about
-``2 * sqrt(L)`` whole-slab tensor operations instead of ``L`` Python steps of autograd. It only
+delta_t B_t u_t)`` is solved as a two-level chunked scan (:func:`_linear_scan`): ``O(sqrt(L))``
+whole-slab tensor operations instead of ``L`` Python steps of autograd. It only
 multiplies decay factors together (never divides by them, never exponentiates a cumulative sum),
 so long sequences stay finite. Memory is a few ``(L, batch, dim, N)`` tensors. Backward recomputes
 the states and runs the same scan in reverse for the adjoint; nothing but the inputs is kept.

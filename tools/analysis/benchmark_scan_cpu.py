@@ -3,7 +3,7 @@
 Shapes are GroupMamba-T's per-group scans (batch 8, N = 1) at the four stages, the full 4-group
 direction form of stage 1, and one long detection-size sequence (op only).
 
-    python tools/analysis/benchmark_scan_cpu.py [--repeats 3] [--threads 2]
+    python tools/analysis/benchmark_scan_cpu.py [--repeats 3] [--threads 1]
 """
 import argparse
 import time
@@ -55,10 +55,11 @@ def time_fwd_bwd(fn, inputs, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--threads', type=int, help='torch intra-op threads (default: torch\'s)')
     parser.add_argument('--long-L', type=int, default=66_600)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     def op(u, delta, A, B, C, D, delta_bias):
