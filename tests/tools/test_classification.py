@@ -154,3 +154,24 @@ def test_weight_decay_follows_the_official_optimizer(setup):
         assert decay[id(param)] == (0. if no_decay else 0.05), name
     names = [name for name, _ in model.named_parameters()]
     assert any(n.endswith('ssm.A_log') for n in names) and any(n.endswith('ssm.D') for n in names)
+
+
+def test_converted_checkpoint_loads_for_testing(setup):
+    """tools/convert_official.py writes the bare classifier keys under state_dict; the test
+    path (Runner with load_from, EMAHook included) must load them all, not skip them, and
+    needs no teacher checkpoint."""
+    tmp, cfg = setup
+    torch.manual_seed(3)
+    with DefaultScope.overwrite_default_scope('mmgroupmamba'):
+        classifier = MODELS.build(dict(cfg.model.classifier))
+    path = tmp / 'converted.pth'
+    torch.save({'state_dict': classifier.state_dict(), 'meta': {'converted_from': 'x.pth'}}, path)
+    cfg = copy.deepcopy(cfg)
+    cfg.merge_from_dict({'load_from': str(path), 'work_dir': str(tmp / 'converted'),
+                         'model.teacher_checkpoint': None})
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    assert {'accuracy/top1', 'accuracy/top5'} <= set(metrics)
+    loaded = runner.model.state_dict()
+    for key, value in classifier.state_dict().items():
+        assert torch.equal(loaded[key], value), key
