@@ -28,42 +28,44 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, s
     to_scan, to_storage = _permutations(directions, spatial_shape, u.shape[0], u.device)
     u = u.to(dtype)
     delta = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
-    a, bu, _, _, _, C5 = _scan_inputs(u, delta, A, B, C, to_scan, dtype)
+    a, bu, _, _, _, _, C5 = _scan_inputs(u, delta, A, B, C, to_scan, dtype)
     h = _linear_scan(a, bu, overwrite=True)
-    y = _row_major((h * C5).sum(-1), to_storage).flatten(1, 2)
+    y = _row_major(_sum_states(h.mul_(C5)).squeeze(-1), to_storage).flatten(1, 2)
     if D is not None:
-        y = y + D.to(dtype)[:, None] * u
+        y.addcmul_(D.to(dtype)[:, None], u)
     return y.to(out_dtype), ()
 
 
 def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
                   dy, saved):
-    """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)`` in the compute dtype."""
+    """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)`` in the compute dtype.
+
+    In-place updates below only touch tensors computed here, never (views of) the inputs.
+    """
     dtype = _compute_dtype(u, delta, A, B, C)
     to_scan, to_storage = _permutations(directions, spatial_shape, u.shape[0], u.device)
     u = u.to(dtype)
     dy = dy.to(dtype)
     raw_delta = delta.to(dtype)
     delta = _effective_delta(raw_delta, delta_bias, delta_softplus)
-    a, bu, u5, delta5, B5, C5 = _scan_inputs(u, delta, A, B, C, to_scan, dtype)
+    a, bu, u5, delta5, delta_u5, B5, C5 = _scan_inputs(u, delta, A, B, C, to_scan, dtype)
     h = _linear_scan(a.clone(), bu, overwrite=True)  # a is needed again below
     dy5 = _scan_major(dy, to_scan, B.shape[1]).unsqueeze(-1)
     dC = (dy5 * h).sum(3)
     # The adjoint g_t = dL/db_t obeys g_t = a_{t+1} g_{t+1} + C_t dy_t: the same scan, backwards.
     g = _linear_scan(a, dy5 * C5, adjoint=True, overwrite=True)
     # dL/d(delta_t A) = g_t * a_t * h_{t-1}, with h_{-1} = 0.
-    dlog_a = g * a
+    dlog_a = a.mul_(g)
     dlog_a[1:] *= h[:-1]
     dlog_a[0] = 0
-    del h, a
+    del h
 
-    gB = (g * B5).sum(-1, keepdim=True)
-    dB = (g * (delta5 * u5)).sum(3)
-    del g
-    A5 = A.to(dtype).reshape(B.shape[1], -1, A.shape[1])
     dA = (dlog_a * delta5).sum((0, 1)).reshape(A.shape)
-    ddelta = (dlog_a * A5).sum(-1, keepdim=True) + gB * u5
-    du = gB * delta5
+    ddelta = _sum_states(dlog_a.mul_(A.to(dtype).reshape(B.shape[1], -1, A.shape[1])))
+    dB = (g * delta_u5).sum(3)
+    gB = _sum_states(g.mul_(B5))
+    ddelta.addcmul_(gB, u5)
+    du = gB.mul_(delta5)
 
     du = _row_major(du.squeeze(-1), to_storage).flatten(1, 2)
     ddelta = _row_major(ddelta.squeeze(-1), to_storage).flatten(1, 2)
@@ -71,11 +73,11 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
     dC = _row_major(dC, to_storage)
     dD = None
     if D is not None:
-        du = du + D.to(dtype)[:, None] * dy
+        du.addcmul_(D.to(dtype)[:, None], dy)
         dD = (dy * u).sum((0, 2))
     if delta_softplus:
         biased = raw_delta if delta_bias is None else raw_delta + delta_bias.to(dtype)[:, None]
-        ddelta = ddelta * torch.sigmoid(biased)
+        ddelta.mul_(torch.sigmoid(biased))
     ddelta_bias = None if delta_bias is None else ddelta.sum((0, 2))
     return du, ddelta, dA, dB, dC, dD, ddelta_bias
 
@@ -115,18 +117,23 @@ def _effective_delta(delta, delta_bias, delta_softplus):
 def _scan_inputs(u, delta, A, B, C, to_scan, dtype):
     """Scan-major decays ``a`` and inputs ``b`` (both ``(L, batch, groups, dim/groups, N)``).
 
-    Also returns the broadcastable factors ``u5, delta5`` (``(L, batch, groups, dim/groups, 1)``)
-    and ``B5, C5`` (``(L, batch, groups, 1, N)``) that backward reuses.
+    Also returns the broadcastable factors ``u5, delta5, delta_u5`` (``(L, batch, groups,
+    dim/groups, 1)``) and ``B5, C5`` (``(L, batch, groups, 1, N)``) that backward reuses.
     """
     groups, N = B.shape[1], B.shape[2]
     u5 = _scan_major(u, to_scan, groups).unsqueeze(-1)
     delta5 = _scan_major(delta, to_scan, groups).unsqueeze(-1)
     B5 = _scan_major(B.to(dtype), to_scan, groups).unsqueeze(3)
     C5 = _scan_major(C.to(dtype), to_scan, groups).unsqueeze(3)
-    A5 = A.to(dtype).reshape(groups, -1, N)
-    a = torch.exp(delta5 * A5)
-    bu = (delta5 * u5) * B5
-    return a, bu, u5, delta5, B5, C5
+    a = torch.mul(delta5, A.to(dtype).reshape(groups, -1, N)).exp_()
+    delta_u5 = delta5 * u5
+    bu = delta_u5 * B5
+    return a, bu, u5, delta5, delta_u5, B5, C5
+
+
+def _sum_states(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the trailing state dim N, kept as size 1; free for GroupMamba's N = 1."""
+    return x if x.shape[-1] == 1 else x.sum(-1, keepdim=True)
 
 
 def _scan_major(x: torch.Tensor, rows: Optional[torch.Tensor], groups: int) -> torch.Tensor:

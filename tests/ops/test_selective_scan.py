@@ -108,12 +108,15 @@ def assert_matches(out, ref, out_grads, ref_grads, inputs, **tol):
 def test_matches_sequential_float64(batch, dim, L, N, groups, with_d, with_bias, softplus):
     torch.manual_seed(L)
     inputs = make_inputs(batch, dim, L, N, groups, with_d=with_d, with_bias=with_bias)
+    originals = {k: v.detach().clone() for k, v in inputs.items() if v is not None}
     y = selective_scan(**inputs, delta_softplus=softplus)
     ref = sequential_scan(**inputs, delta_softplus=softplus)
     assert y.dtype == torch.float64
     dy = torch.randn_like(ref)
     assert_matches(y, ref, grads_of(y, inputs, dy), grads_of(ref, inputs, dy), inputs,
                    rtol=1e-9, atol=1e-10)
+    for name, original in originals.items():  # the op's in-place updates stay off its inputs
+        assert torch.equal(inputs[name], original), name
 
 
 def test_shared_3d_B_C():
