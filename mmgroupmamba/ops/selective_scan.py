@@ -62,7 +62,7 @@ def selective_scan(u: torch.Tensor,
         D: optional ``(dim,)`` skip weight.
         delta_bias: optional ``(dim,)`` added to ``delta``.
         delta_softplus: apply softplus to ``delta + delta_bias``.
-        spatial_shape: ``(H, W)`` with ``H * W == L``; tokens are stored row-major. Default ``(1, L)``.
+        spatial_shape: ``(H, W)`` with ``H * W == L``, tokens stored row-major; default ``(1, L)``.
         directions: ``groups`` names from :data:`SCAN_DIRECTIONS`; default: all ``'left_right'``.
             With 3-D B/C, ``groups = len(directions)``.
         out_dtype: dtype of ``y``; default ``u.dtype``.
@@ -155,8 +155,8 @@ def _check_inputs(u, delta, A, B, C, D, delta_bias, directions) -> int:
         raise ValueError(f'A must be (dim={dim}, N) with N >= 1, got shape {tuple(A.shape)}')
     N = A.shape[1]
     if directions is not None and (isinstance(directions, str) or len(directions) < 1):
-        raise ValueError(f'directions must be a non-empty sequence of names from {SCAN_DIRECTIONS}, '
-                         f'got {directions!r}')
+        raise ValueError('directions must be a non-empty sequence of names from '
+                         f'{SCAN_DIRECTIONS}, got {directions!r}')
     if B.dim() == 4:
         groups = B.shape[1]
         _expect_shape('B', B, (batch, groups, N, L))

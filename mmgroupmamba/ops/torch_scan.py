@@ -137,7 +137,7 @@ def _sum_states(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scan_major(x: torch.Tensor, rows: Optional[torch.Tensor], groups: int) -> torch.Tensor:
-    """``(batch, dim, L)`` or ``(batch, groups, N, L)`` -> scan order, ``(L, batch, groups, -1)``."""
+    """``(batch, dim, L)`` or ``(batch, groups, N, L)`` -> scan order ``(L, batch, groups, -1)``."""
     x = x.reshape(x.shape[0], groups, -1, x.shape[-1]).permute(3, 0, 1, 2).contiguous()
     if rows is None:
         return x

@@ -15,6 +15,10 @@ from mmgroupmamba.ops import selective_scan
 # (batch, dim, L) of one channel group per stage; N = 1.
 STAGE_SHAPES = ((8, 16, 3136), (8, 32, 784), (8, 87, 196), (8, 112, 49))
 DIRECTIONS = ('left_right', 'top_bottom', 'right_left', 'bottom_top')
+# (batch, H, W) of GroupMamba-T stage 1 (64 channels = 4 groups x 16): 224 x 224 classification
+# and a 1333 x 800 detection image.
+STAGE1 = (8, 56, 56)
+LONG = (1, 200, 333)
 
 
 def naive_scan(u, delta, A, B, C, D):
@@ -55,22 +59,21 @@ def time_fwd_bwd(fn, inputs, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--threads', type=int, help='torch intra-op threads (default: torch\'s)')
-    parser.add_argument('--long-L', type=int, default=66_600)
+    parser.add_argument('--threads', type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    def op(u, delta, A, B, C, D, delta_bias):
-        return selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True)
+    def op(*inputs, **kwargs):
+        return selective_scan(*inputs, delta_softplus=True, **kwargs)
 
     def naive(u, delta, A, B, C, D, delta_bias):
         return naive_scan(u, torch.nn.functional.softplus(delta + delta_bias[:, None]), A, B, C, D)
 
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats}, '
           'forward+backward, float32')
-    print(f'{"case":<38}{"op (ms)":>10}{"loop (ms)":>12}{"speed-up":>10}')
+    print(f'{"case (batch, dim, L)":<38}{"op (ms)":>10}{"loop (ms)":>12}{"speed-up":>10}')
     for shape in STAGE_SHAPES:
         inputs = make_inputs(*shape)
         t_op = time_fwd_bwd(op, inputs, args.repeats)
@@ -78,19 +81,12 @@ def main():
         print(f'{"per group " + str(shape):<38}{t_op * 1e3:>10.1f}{t_loop * 1e3:>12.1f}'
               f'{t_loop / t_op:>9.1f}x')
 
-    inputs = make_inputs(8, 64, 3136, groups=4)
-    t_op = time_fwd_bwd(
-        lambda *x: selective_scan(*x, delta_softplus=True, spatial_shape=(56, 56),
-                                  directions=DIRECTIONS), inputs, args.repeats)
-    print(f'{"stage 1, 4 directions (8, 64, 3136)":<38}{t_op * 1e3:>10.1f}{"-":>12}{"-":>10}')
-
-    inputs = make_inputs(1, 64, args.long_L, groups=4)
-    height = 200 if args.long_L == 66_600 else 1
-    t_op = time_fwd_bwd(
-        lambda *x: selective_scan(*x, delta_softplus=True, spatial_shape=(height, args.long_L // height),
-                                  directions=DIRECTIONS), inputs, 1)
-    print(f'{"long, 4 directions (1, 64, " + str(args.long_L) + ")":<38}{t_op * 1e3:>10.1f}'
-          f'{"-":>12}{"-":>10}')
+    for name, (batch, H, W), repeats in (('stage 1, 4 directions', STAGE1, args.repeats),
+                                         ('long, 4 directions', LONG, 1)):
+        inputs = make_inputs(batch, 64, H * W, groups=4)
+        t_op = time_fwd_bwd(
+            lambda *x: op(*x, spatial_shape=(H, W), directions=DIRECTIONS), inputs, repeats)
+        print(f'{f"{name} ({batch}, 64, {H * W})":<38}{t_op * 1e3:>10.1f}{"-":>12}{"-":>10}')
 
 
 if __name__ == '__main__':
