@@ -77,7 +77,7 @@ def main():
     for shape in STAGE_SHAPES:
         inputs = make_inputs(*shape)
         t_op = time_fwd_bwd(op, inputs, args.repeats)
-        t_loop = time_fwd_bwd(naive, inputs, 1)
+        t_loop = time_fwd_bwd(naive, inputs, args.repeats)
         print(f'{"per group " + str(shape):<38}{t_op * 1e3:>10.1f}{t_loop * 1e3:>12.1f}'
               f'{t_loop / t_op:>9.1f}x')
 
