@@ -123,12 +123,13 @@ class GroupedSS2D(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, dt_min: float = 1e-3, dt_max: float = .1,
-                         dt_floor: float = 1e-4) -> None:
+    def reset_parameters(self) -> None:
         """The official initialisation: in/out projections as Linear layers (trunc normal, std
         .02), x_proj as PyTorch's default Linear, dt weights uniform in +-R^-1/2, dt bias the
-        inverse softplus of a log-uniform step in [dt_min, dt_max], S4D-real A, D = 1."""
+        inverse softplus of a log-uniform step in [1e-3, 0.1] (at least 1e-4), S4D-real A,
+        D = 1."""
         d = self.group_dims
+        dt_min, dt_max, dt_floor = 1e-3, .1, 1e-4
         nn.init.trunc_normal_(self.in_proj_weight, std=.02)
         nn.init.trunc_normal_(self.out_proj_weight, std=.02)
         bound = 1 / math.sqrt(d)

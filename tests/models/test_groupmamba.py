@@ -1,0 +1,335 @@
+"""GroupMamba backbone, classifier and official-checkpoint converter.
+
+Most tests use a narrow custom arch so that they run in seconds on a CPU; parameter counts of the
+real variants are checked on the meta device.
+"""
+import math
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgroupmamba.models import GroupMamba, GroupMambaClassifier, convert_official_state_dict
+from mmgroupmamba.models import groupmamba as groupmamba_module
+
+TOOL = Path(__file__).parents[2] / 'tools' / 'convert_official.py'
+ARCH = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), stem_channels=8,
+            mlp_ratios=(2, 2, 2, 2))
+
+
+def expected_size(size, stage):
+    """Spatial size after the stem (two stride-2 convs) and ``stage`` more stride-2 convs."""
+    for _ in range(stage + 2):
+        size = math.ceil(size / 2)
+    return size
+
+
+def randomize(model, seed=0):
+    """Every parameter and BatchNorm statistic away from its (often symmetric) initial value."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator)
+                tensor.copy_((1.5 + noise.abs()) if 'running_var' in name else tensor + 0.1 * noise)
+    return model
+
+
+@pytest.mark.parametrize('size', [(64, 64), (255, 255), (112, 137), (33, 47), (7, 5)])
+def test_output_shapes(size):
+    model = GroupMamba(ARCH).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, *size))
+    assert len(outs) == 4
+    for stage, (out, dims) in enumerate(zip(outs, ARCH['embed_dims'])):
+        assert out.shape == (2, dims, expected_size(size[0], stage), expected_size(size[1], stage))
+        assert out.is_contiguous() and torch.isfinite(out).all()
+
+
+def test_out_indices_and_named_arch():
+    model = GroupMamba(ARCH, out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 64, 96))
+    assert [o.shape[1:] for o in outs] == [(32, 8, 12), (64, 2, 3)]
+    # The last map is the final norm of the last stage: zero mean over channels per position.
+    assert outs[1].mean(dim=1).abs().max() < 1e-5
+
+    tiny = GroupMamba('tiny', out_indices=(3,)).eval()
+    with torch.no_grad():
+        assert tiny(torch.randn(1, 3, 32, 32))[0].shape == (1, 448, 1, 1)
+    with torch.device('meta'):
+        for arch, dims in [('small', (64, 128, 348, 512)), ('base', (96, 192, 424, 512))]:
+            model = GroupMamba(arch)
+            assert [stage.norm.weight.shape[0] for stage in model.stages] == list(dims)
+
+
+@pytest.mark.parametrize('frozen_stages', [0, 2, 4])
+def test_frozen_stages(frozen_stages):
+    model = GroupMamba(ARCH, frozen_stages=frozen_stages)
+    model.train()
+    frozen = [model.stem, *model.stages[:frozen_stages]]
+    trainable = model.stages[frozen_stages:]
+    for module in frozen:
+        assert all(not p.requires_grad for p in module.parameters())
+        assert all(not m.training for m in module.modules())
+    for module in trainable:
+        assert all(p.requires_grad for p in module.parameters())
+        assert all(m.training for m in module.modules())
+    running_mean = model.stem.convs[0].bn.running_mean.clone()
+    model(torch.randn(2, 3, 32, 32))
+    assert torch.equal(model.stem.convs[0].bn.running_mean, running_mean)
+
+
+def test_norm_eval():
+    model = GroupMamba(ARCH, norm_eval=True)
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 3 and not any(bn.training for bn in bns)
+    assert model.training and model.stages[0].training
+    assert all(p.requires_grad for p in model.parameters())
+    running_var = bns[0].running_var.clone()
+    model(torch.randn(2, 3, 32, 32))
+    assert torch.equal(bns[0].running_var, running_var)
+    # Without norm_eval the statistics move.
+    model = GroupMamba(ARCH).train()
+    model(torch.randn(2, 3, 32, 32))
+    assert not torch.equal(model.stem.convs[0].bn.running_var, torch.ones(8))
+
+
+def test_with_cp_gives_identical_gradients(monkeypatch):
+    calls = []
+    checkpoint = groupmamba_module.cp.checkpoint
+    monkeypatch.setattr(groupmamba_module.cp, 'checkpoint',
+                        lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs))
+    plain = randomize(GroupMamba(ARCH, drop_path_rate=0.3)).train()
+    checkpointed = GroupMamba(ARCH, drop_path_rate=0.3, with_cp=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 40, 36)
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(0)  # same drop-path masks
+        sum((out ** 2).mean() for out in model(x)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert len(calls) == sum(ARCH['depths'])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_drop_path_schedule():
+    model = GroupMamba(ARCH, drop_path_rate=0.25)
+    blocks = [block for stage in model.stages for block in stage.blocks]
+    assert isinstance(blocks[0].drop_path, torch.nn.Identity)
+    rates = [block.drop_path.drop_prob for block in blocks[1:]]
+    expected = [0.25 * i / (len(blocks) - 1) for i in range(1, len(blocks))]
+    assert rates == pytest.approx(expected)
+
+
+@pytest.mark.parametrize('arch,count', [('tiny', 23_361_917), ('small', 34_781_555),
+                                        ('base', 57_150_838)])
+def test_classifier_parameter_count_matches_official(arch, count):
+    with torch.device('meta'):
+        model = GroupMambaClassifier(arch)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_classifier_outputs():
+    model = randomize(GroupMambaClassifier(ARCH, num_classes=10))
+    x = torch.randn(2, 3, 48, 40)
+    logits, dist_logits = model.train()(x)
+    assert logits.shape == dist_logits.shape == (2, 10)
+    assert not torch.allclose(logits, dist_logits)
+    model.eval()
+    with torch.no_grad():
+        features = model.forward_features(x)
+        torch.testing.assert_close(
+            model(x), (model.head(features) + model.dist_head(features)) / 2)
+    single = GroupMambaClassifier(ARCH, num_classes=10, distillation=False).eval()
+    with torch.no_grad():
+        assert single(x).shape == (2, 10)
+    assert not any(k.startswith('dist_head') for k in single.state_dict())
+    assert all(k.startswith(('backbone.', 'class_block.', 'head.', 'dist_head.'))
+               for k in model.state_dict())
+
+
+# ------------------------------------------------------------------ official checkpoints
+def _official_layer_keys(prefix, state):
+    """Our GroupMambaLayer keys under ``prefix`` -> the official ``attn.`` keys."""
+    out = {}
+    renames = {'channel_affinity.reduce.': 'fc1.', 'channel_affinity.expand.': 'fc2.',
+               'norm.': 'norm.', 'proj.': 'proj.', 'skip_scale': 'skip_scale'}
+    for key, value in state.items():
+        if not key.startswith(prefix) or key.startswith(prefix + 'ssm.'):
+            continue
+        rest = key[len(prefix):]
+        old = next(o for o in renames if rest.startswith(o))
+        out['attn.' + renames[old] + rest[len(old):]] = value
+    ssm = {k[len(prefix + 'ssm.'):]: v for k, v in state.items() if k.startswith(prefix + 'ssm.')}
+    for g in range(4):
+        chunk = lambda t: t.chunk(4)[g]  # noqa: E731
+        official = {
+            'in_proj.weight': ssm['in_proj_weight'][g],
+            'conv2d.weight': chunk(ssm['conv.weight']),
+            'conv2d.bias': chunk(ssm['conv.bias']),
+            'x_proj_weight': ssm['x_proj_weight'][g:g + 1],
+            'dt_projs_weight': ssm['dt_proj_weight'][g:g + 1],
+            'dt_projs_bias': chunk(ssm['dt_bias'])[None],
+            'A_logs': chunk(ssm['A_log']),
+            'Ds': chunk(ssm['D']),
+            'out_norm.weight': ssm['out_norm_weight'][g],
+            'out_norm.bias': ssm['out_norm_bias'][g],
+            'out_proj.weight': ssm['out_proj_weight'][g],
+        }
+        out.update({f'attn.mamba_g{g + 1}.{k}': v.clone() for k, v in official.items()})
+    return out
+
+
+def to_official(state):
+    """The inverse of the converter, written independently: our classifier state dict -> the
+    official model's names and layouts."""
+    official = {}
+    for key, value in state.items():
+        m = re.fullmatch(r'backbone\.stem\.convs\.(\d)\.(conv|bn)\.(\w+)', key)
+        if m:
+            index = 3 * int(m.group(1)) + (m.group(2) == 'bn')
+            official[f'patch_embed1.conv.{index}.{m.group(3)}'] = value
+        elif key.startswith('backbone.stem.'):
+            official['patch_embed1.' + key[len('backbone.stem.'):]] = value
+        elif (m := re.fullmatch(r'backbone\.stages\.(\d)\.downsample\.(.+)', key)):
+            official[f'patch_embed{int(m.group(1)) + 1}.{m.group(2)}'] = value
+        elif (m := re.fullmatch(r'backbone\.stages\.(\d)\.norm\.(\w+)', key)):
+            official[f'norm{int(m.group(1)) + 1}.{m.group(2)}'] = value
+        elif (m := re.fullmatch(r'backbone\.stages\.(\d)\.blocks\.(\d+)\.(norm|ffn)\.(.+)', key)):
+            rest = {'norm': 'norm2.', 'ffn': 'mlp.'}[m.group(3)] + m.group(4)
+            rest = rest.replace('mlp.dwconv.', 'mlp.dwconv.dwconv.')
+            official[f'block{int(m.group(1)) + 1}.{m.group(2)}.{rest}'] = value
+        elif key.startswith('class_block.') and '.mixer.' not in key:
+            rest = key[len('class_block.'):]
+            for ours, theirs in [('mixer_out_norm.', 'norm1.'), ('ffn_norm.', 'norm2.'),
+                                 ('ffn.', 'mlp.')]:
+                rest = rest.replace(ours, theirs) if rest.startswith(ours) else rest
+            official['post_network.0.' + rest] = value
+        elif key.startswith(('head.', 'dist_head.')):
+            official[key] = value
+    layers = {m.group(0) for key in state
+              for m in [re.match(r'(backbone\.stages\.\d\.blocks\.\d+\.|class_block\.)mixer\.', key)]
+              if m}
+    for prefix in layers:
+        m = re.match(r'backbone\.stages\.(\d)\.blocks\.(\d+)\.', prefix)
+        owner = f'block{int(m.group(1)) + 1}.{m.group(2)}.' if m else 'post_network.0.'
+        official.update({owner + k: v for k, v in _official_layer_keys(prefix, state).items()})
+    return official
+
+
+def test_converter_round_trip():
+    source = randomize(GroupMambaClassifier(ARCH, num_classes=10)).eval()
+    official = to_official(source.state_dict())
+    # Each layer's one stacked SS2D (11 tensors) is four official ones (44 tensors).
+    assert len(official) == len(source.state_dict()) + 33 * (sum(ARCH['depths']) + 1)
+    for checkpoint in ({'model': official, 'epoch': 3}, official):
+        converted = convert_official_state_dict(checkpoint)
+        target = GroupMambaClassifier(ARCH, num_classes=10).eval()
+        target.load_state_dict(converted, strict=True)
+        for key, value in source.state_dict().items():
+            assert torch.equal(target.state_dict()[key], value), key
+    x = torch.randn(1, 3, 40, 44)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_converter_errors():
+    official = to_official(GroupMambaClassifier(ARCH, num_classes=10).state_dict())
+    with pytest.raises(KeyError, match='block9.0.attn.extra'):
+        convert_official_state_dict({**official, 'block9.0.attn.extra': torch.zeros(1)})
+    partial = {k: v for k, v in official.items() if k != 'block2.1.attn.mamba_g3.Ds'}
+    with pytest.raises(KeyError, match='mamba_g3'):
+        convert_official_state_dict(partial)
+    partial = {k: v for k, v in official.items() if k != 'block2.1.mlp.fc2.bias'}
+    with pytest.raises(KeyError, match=r'backbone\.stages\.1\.blocks\.1\.ffn\.fc2\.bias'):
+        convert_official_state_dict(partial)
+
+
+def test_convert_tool_and_pretrained_init(tmp_path, monkeypatch):
+    source = randomize(GroupMambaClassifier(ARCH, num_classes=10))
+    src, dst = tmp_path / 'official.pth', tmp_path / 'converted.pth'
+    torch.save({'model': to_official(source.state_dict())}, src)
+    monkeypatch.setattr(sys, 'argv', ['convert_official.py', str(src), str(dst)])
+    runpy.run_path(str(TOOL), run_name='__main__')
+
+    classifier = GroupMambaClassifier(ARCH, num_classes=10)
+    classifier.load_state_dict(torch.load(dst, weights_only=True)['state_dict'], strict=True)
+    backbone = GroupMamba(ARCH, init_cfg=dict(type='Pretrained', checkpoint=str(dst),
+                                              prefix='backbone.'))
+    backbone.init_weights()
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(classifier.backbone.state_dict()[key], value), key
+        assert torch.equal(backbone.state_dict()[key], value), key
+
+
+def test_registered_in_openmmlab_registries():
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmengine.registry import MODELS as MMENGINE_MODELS
+    from mmseg.registry import MODELS as MMSEG_MODELS
+    for registry in (MMDET_MODELS, MMSEG_MODELS, MMENGINE_MODELS):
+        model = registry.build(dict(type='GroupMamba', arch=ARCH, out_indices=(2,)))
+        assert isinstance(model, GroupMamba) and model.out_indices == (2,)
+
+
+@pytest.mark.parametrize('kwargs,error,match', [
+    (dict(arch='huge'), KeyError, 'huge'),
+    (dict(arch={**ARCH, 'embed_dims': (16, 32, 50, 64)}), ValueError, 'divisible'),
+    (dict(arch={**ARCH, 'depth': (1, 1, 1, 1)}), KeyError, 'keys'),
+    (dict(out_indices=(0, 4)), ValueError, 'out_indices'),
+    (dict(frozen_stages=5), ValueError, 'frozen_stages'),
+    (dict(frozen_stages=-2), ValueError, 'frozen_stages'),
+])
+def test_misconfiguration_is_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GroupMamba(**{'arch': ARCH, **kwargs})
+
+
+def test_wrong_input_channels_are_refused():
+    model = GroupMamba(ARCH)
+    with pytest.raises(ValueError, match=r'\(B, 3, H, W\).*\(1, 4, 32, 32\)'):
+        model(torch.randn(1, 4, 32, 32))
+    assert GroupMamba(ARCH, in_channels=4).eval()(torch.randn(1, 4, 32, 32))[0].shape[1] == 16
+
+
+def test_ssm_initialisation():
+    ssm = GroupMamba(ARCH).stages[3].blocks[0].mixer.ssm
+    step = torch.nn.functional.softplus(ssm.dt_bias)
+    assert step.min() >= 1e-4 - 1e-7 and step.max() <= 0.1 + 1e-6 and step.std() > 0
+    assert torch.equal(ssm.A_log, torch.zeros(64, 1))  # A = -1 for the one state
+    assert torch.equal(ssm.D, torch.ones(64))
+    assert ssm.dt_proj_weight.abs().max() <= 1  # R = 1: uniform in +-1
+    assert ssm.in_proj_weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert ssm.conv.weight.std().item() == pytest.approx(math.sqrt(2 / 9), rel=0.2)
+    assert not ssm.conv.bias.any()
+
+
+def test_groups_scan_in_the_official_directions():
+    """Group g of a layer scans left_right, top_bottom, right_left, bottom_top for g = 0..3:
+    a change at one token reaches exactly the tokens its group's scan visits later."""
+    H, W = 5, 6
+    ssm = groupmamba_module.GroupedSS2D(32)
+    with torch.no_grad():
+        # Unit-gain projections (changes far above rounding), a 1x1 identity in place of the
+        # 3x3 conv (no spatial mixing besides the scan) and A ~ 0 (no decay along the scan).
+        for weight in (ssm.in_proj_weight, ssm.x_proj_weight, ssm.out_proj_weight):
+            weight.normal_(0, weight.shape[-1] ** -.5)
+        ssm.conv.weight.zero_()[:, :, 1, 1] = 1
+        ssm.A_log.fill_(-20.)
+        ssm.dt_bias.zero_()
+    x = torch.randn(1, H, W, 32)
+    changed = x.clone()
+    changed[0, 2, 3] += 1
+    with torch.no_grad():
+        reached = (ssm(changed) - ssm(x))[0].view(H, W, 4, 8).abs().amax(dim=-1) > 0
+
+    i, j = torch.meshgrid(torch.arange(H), torch.arange(W), indexing='ij')
+    row_major, column_major = i * W + j, j * H + i
+    visit_step = [row_major, column_major, H * W - 1 - row_major, H * W - 1 - column_major]
+    for g, step in enumerate(visit_step):
+        assert torch.equal(reached[..., g], step >= step[2, 3]), g
