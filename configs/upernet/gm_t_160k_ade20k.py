@@ -1,0 +1,39 @@
+# UperNet with a GroupMamba-T backbone on ADE20K: 512x512 crops, 160k iterations, batch 16
+# (8 GPUs x 2). The recipe is mmseg's Swin UperNet recipe, which the GroupMamba paper follows:
+# AdamW (lr 6e-5, betas (0.9, 0.999), weight decay 0.01), linear warm-up over 1500 iterations
+# then poly decay (power 1) to 0, SyncBN in the heads, auxiliary FCN head on stage 3 (loss 0.4).
+_base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
+
+# The ImageNet-pretrained GroupMamba-T weights, keys under 'backbone.'.
+pretrained = 'checkpoints/groupmamba_tiny_backbone.pth'
+
+custom_imports = dict(imports=['mmgroupmamba'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='GroupMamba',
+        arch='tiny',
+        out_indices=(0, 1, 2, 3),
+        # Swin's UperNet configs use 0.3 for T, S and B alike.
+        drop_path_rate=0.3,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
+    decode_head=dict(in_channels=[64, 128, 348, 448], channels=512, num_classes=150),
+    auxiliary_head=dict(in_channels=348, in_index=2, channels=256, num_classes=150))
+
+# Swin's optimizer, without weight decay on any norm: norm layers (the backbone's LayerNorms and
+# stem BNs, the heads' SyncBNs) through norm_decay_mult, the SSM's grouped output norm (plain
+# parameters) by name, and, as in GroupMamba's ImageNet training, the SSM's A_log and D and the
+# layers' skip_scale.
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
+    paramwise_cfg=dict(
+        norm_decay_mult=0.,
+        custom_keys={
+            'ssm.out_norm': dict(decay_mult=0.),
+            'ssm.A_log': dict(decay_mult=0.),
+            'ssm.D': dict(decay_mult=0.),
+            'mixer.skip_scale': dict(decay_mult=0.),
+        }))
