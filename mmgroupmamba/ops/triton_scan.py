@@ -1,6 +1,9 @@
 """Triton backend of the selective scan (the path CUDA tensors take).
 
-One program owns ``BLOCK_D`` channels of one channel group of one image and walks the whole
+One state per channel (``N == 1``, all of GroupMamba) takes the 2-D kernels of
+:mod:`.triton_scan_n1`; this module holds the general-``N`` kernels and the dispatch.
+
+General ``N``: one program owns ``BLOCK_D`` channels of one channel group of one image and walks the whole
 sequence in chunks of ``BLOCK_L`` scan steps: inside a chunk the recurrence
 ``h_t = a_t h_{t-1} + b_t`` is a ``tl.associative_scan`` over affine maps, between chunks the state
 is carried in registers. Every input is read once and ``y`` written once, in the token storage
@@ -25,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_scan_n1
+
 # Elements (channels x states x steps) of one program's tile, per kernel: enough independent loads
 # in flight to stream at memory speed, few enough registers for backward's dozen live tiles.
 # Picked by a sweep on an H100 over the GroupMamba-T shapes (tiles 1024-8192, 4-16 warps,
@@ -44,6 +49,13 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, s
     """Returns ``(y, saved)``: ``y`` ``(batch, dim, L)`` in ``out_dtype``, ``saved = (states,)``."""
     batch, dim, L = u.shape
     groups, N = B.shape[1], B.shape[2]
+    if N == 1:
+        u, delta, A, B, C = _n1_inputs(u, delta, A, B, C)
+        fwd_cfg, _ = triton_scan_n1.plan(batch, dim // groups, groups, L)
+        y, states = triton_scan_n1.forward(u, delta, A, B, C, D, delta_bias, delta_softplus,
+                                           directions, _spatial(spatial_shape, L), out_dtype,
+                                           fwd_cfg, empty=_empty)
+        return y, (states, )
     u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
     tile = _Tile(batch, dim, groups, N, L, _FWD_TILE)
     H, W = _spatial(spatial_shape, L)
@@ -66,8 +78,16 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
     """
     batch, dim, L = u.shape
     groups, N = B.shape[1], B.shape[2]
-    u, delta, A, B, C, dy = (t.contiguous() for t in (u, delta, A, B, C, dy))
     (states, ) = saved
+    if N == 1:
+        u, delta, A, B, C = _n1_inputs(u, delta, A, B, C)
+        fwd_cfg, bwd_cfg = triton_scan_n1.plan(batch, dim // groups, groups, L)
+        grads = triton_scan_n1.backward(u, delta, A, B, C, D, delta_bias, delta_softplus,
+                                        directions, _spatial(spatial_shape, L), dy.contiguous(),
+                                        states, fwd_cfg.block_t, bwd_cfg, empty=_empty)
+        inputs = (u, delta, A, B, C, D, delta_bias)
+        return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs))
+    u, delta, A, B, C, dy = (t.contiguous() for t in (u, delta, A, B, C, dy))
     fwd_tile = _Tile(batch, dim, groups, N, L, _FWD_TILE)
     # Backward must cut the sequence where forward saved the states.
     tile = _Tile(batch, dim, groups, N, L, _BWD_TILE, block_l=fwd_tile.block_l)
@@ -99,7 +119,7 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
 
 def compiled_kernel_count() -> int:
     """Number of kernel binaries compiled so far in this process (forward and backward)."""
-    count = 0
+    count = triton_scan_n1.compiled_kernel_count()
     for kernel in (_scan_fwd_kernel, _scan_bwd_kernel):
         for cache in getattr(kernel, 'device_caches', {}).values():
             count += len(cache[0])
@@ -136,6 +156,12 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _n1_inputs(u, delta, A, B, C):
+    # B/C keep a broadcast group axis (stride 0) instead of being copied once per group.
+    B, C = (x if triton_scan_n1.bc_strides_ok(x) else x.contiguous() for x in (B, C))
+    return u.contiguous(), delta.contiguous(), A.contiguous(), B, C
+
+
 def _spatial(spatial_shape: Optional[Tuple[int, int]], L: int) -> Tuple[int, int]:
     # Without a spatial shape only row-major scans are asked for; one row of L tokens serves.
     return (1, L) if spatial_shape is None else (int(spatial_shape[0]), int(spatial_shape[1]))
@@ -147,7 +173,7 @@ def _row_major(directions) -> bool:
 
 
 def _direction_tensor(directions, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(tuple(directions), dtype=torch.int32).to(like.device, non_blocking=True)
+    return triton_scan_n1.direction_tensor(tuple(directions), like.device)
 
 
 def _or_dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

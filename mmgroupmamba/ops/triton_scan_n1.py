@@ -1,0 +1,390 @@
+"""Triton kernels of the selective scan for one state per channel (``N == 1``, all of GroupMamba).
+
+With a single state the work is a 2-D tile ``[BLOCK_D channels, BLOCK_T steps]`` per chunk: rows are
+contiguous along the sequence, so loads and stores are coalesced along ``L``, and the recurrence
+``h_t = a_t h_{t-1} + b_t`` is one ``tl.associative_scan`` along axis 1 with the state carried in
+registers between chunks. One program owns ``BLOCK_D`` channels of one channel group of one image;
+the channel block never crosses a group, so ``B``/``C`` load once per chunk as a ``[1, BLOCK_T]`` row.
+Each chunk's loads are issued one iteration ahead (a register prefetch), so that memory streams
+while the previous chunk is scanned.
+
+Forward stores the state at the start of every chunk (``(batch * dim, chunks)`` float32); backward
+walks the chunks last to first, recomputes the chunk's states from the saved start (its chunk is a
+whole number of forward chunks), and runs the adjoint ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` as a
+reverse scan. The shifted decay ``a_{t+1}`` comes from a second load of ``delta`` one step on (a
+cache hit). dB/dC are summed over the program's channels in registers; programs of one group add up
+with float32 atomics only when a group spans several channel blocks. dA, dD and ddelta_bias reduce
+over steps in registers and over the batch with atomics.
+
+Launch geometry comes from a small table keyed by coarse shape buckets (powers of two), so the
+changing image sizes of detection reuse a handful of compiled kernels.
+"""
+import functools
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Picked by a sweep on an H100 over the GroupMamba stage shapes (docs/benchmarks.md): tiles of
+# 1024 channels x steps, 4 warps, chunks up to 512 steps; long sequences run backward in chunks of
+# 1024 with 8 warps. The backward chunk is a multiple of the forward chunk, so that it starts where
+# forward saved a state.
+_MAX_T = 512
+_TILE = 1024
+_WARPS = 4
+_LONG_L = 4096
+_LONG_BWD_T = 1024
+_LONG_BWD_WARPS = 8
+# Below this many programs the GPU idles; channel blocks shrink towards one channel to reach it.
+# Backward's programs are heavier, and more of them hide its latency better.
+_FWD_MIN_PROGRAMS = 512
+_BWD_MIN_PROGRAMS = 1024
+
+
+class LaunchConfig(NamedTuple):
+    """Tile of one program: ``block_d`` channels x ``block_t`` steps, run by ``warps`` warps."""
+    block_d: int
+    block_t: int
+    warps: int
+
+
+def plan(batch: int, dim_per_group: int, groups: int, L: int) -> Tuple[LaunchConfig, LaunchConfig]:
+    """Forward and backward launch geometry for one call shape (powers of two only)."""
+    fwd_t = min(max(16, triton.next_power_of_2(L)), _MAX_T)
+    bwd_t, bwd_warps = (_LONG_BWD_T, _LONG_BWD_WARPS) if L >= _LONG_L else (fwd_t, _WARPS)
+    bwd_t = max(bwd_t, fwd_t)
+    return (LaunchConfig(_block_d(batch, dim_per_group, groups, _TILE // fwd_t, _FWD_MIN_PROGRAMS),
+                         fwd_t, _WARPS),
+            LaunchConfig(_block_d(batch, dim_per_group, groups, _TILE // bwd_t, _BWD_MIN_PROGRAMS),
+                         bwd_t, bwd_warps))
+
+
+def _block_d(batch: int, dim_per_group: int, groups: int, want: int, min_programs: int) -> int:
+    block_d = max(1, min(triton.next_power_of_2(dim_per_group), want))
+    while block_d > 1 and batch * groups * triton.cdiv(dim_per_group, block_d) < min_programs:
+        block_d //= 2
+    return block_d
+
+
+def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
+            out_dtype, cfg: LaunchConfig, empty=torch.empty):
+    """Returns ``(y, states)``; ``states`` ``(batch * dim, ceil(L / cfg.block_t))`` float32.
+
+    ``u, delta``: contiguous ``(batch, dim, L)``; ``B, C``: ``(batch, groups, 1, L)`` whose batch and
+    group strides are multiples of ``L`` (a broadcast group stride of 0 is fine); ``directions``:
+    tuple of ``groups`` direction indices; ``empty`` allocates the outputs.
+    """
+    batch, dim, L = u.shape
+    groups = B.shape[1]
+    dim_per_group = dim // groups
+    H, W = spatial_shape
+    n_chunks = triton.cdiv(L, cfg.block_t)
+    d_blocks = triton.cdiv(dim_per_group, cfg.block_d)
+    y = empty(u.shape, dtype=out_dtype, device=u.device)
+    states = empty((batch * dim, n_chunks), dtype=torch.float32, device=u.device)
+    _fwd_kernel[(batch * groups * d_blocks, )](
+        u, delta, A, B, C, _or_dummy(D, u), _or_dummy(delta_bias, u),
+        direction_tensor(directions, u.device), y, states,
+        L, H, W, n_chunks, dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, BLOCK_D=cfg.block_d,
+        BLOCK_T=cfg.block_t, num_warps=cfg.warps)
+    return y, states
+
+
+def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
+             dy, states, fwd_block_t: int, cfg: LaunchConfig, empty=torch.empty):
+    """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)``.
+
+    du/ddelta come in the inputs' dtypes, dA/dD/ddelta_bias in float32 (summed with atomics),
+    dB/dC ``(batch, groups, 1, L)`` in B's dtype, or float32 when a group spans several programs.
+    ``states`` and ``fwd_block_t`` are what :func:`forward` saved and used; ``cfg.block_t`` must
+    be a multiple of ``fwd_block_t``.
+    """
+    batch, dim, L = u.shape
+    groups = B.shape[1]
+    dim_per_group = dim // groups
+    H, W = spatial_shape
+    assert cfg.block_t % fwd_block_t == 0, (cfg.block_t, fwd_block_t)
+    n_chunks = triton.cdiv(L, cfg.block_t)
+    d_blocks = triton.cdiv(dim_per_group, cfg.block_d)
+    du = empty(u.shape, dtype=u.dtype, device=u.device)
+    ddelta = empty(delta.shape, dtype=delta.dtype, device=u.device)
+    # dA, dD, ddelta_bias sum over images (and dB/dC over channel blocks) with atomics into one
+    # zeroed buffer: one fill, not one per gradient.
+    atomic_bc = d_blocks > 1
+    bc_shape = (2, batch, groups, 1, L)
+    bc_numel = 2 * batch * groups * L if atomic_bc else 0
+    sums = torch.zeros(3 * dim + bc_numel, dtype=torch.float32, device=u.device)
+    param_grads = sums[:3 * dim].view(3, dim)
+    if atomic_bc:
+        dBC = sums[3 * dim:].view(bc_shape)
+    else:
+        dBC = empty(bc_shape, dtype=B.dtype, device=u.device)
+    _bwd_kernel[(batch * groups * d_blocks, )](
+        u, delta, A, B, C, _or_dummy(D, u), _or_dummy(delta_bias, u),
+        direction_tensor(directions, u.device), dy, states,
+        du, ddelta, param_grads, dBC, L, H, W, n_chunks, states.shape[1], cfg.block_t // fwd_block_t,
+        dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, ATOMIC_BC=atomic_bc,
+        BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, num_warps=cfg.warps)
+    dA = param_grads[0].unsqueeze(1)
+    dD = None if D is None else param_grads[1]
+    ddelta_bias = None if delta_bias is None else param_grads[2]
+    return du, ddelta, dA, dBC[0], dBC[1], dD, ddelta_bias
+
+
+def bc_strides_ok(x: torch.Tensor) -> bool:
+    """Whether :func:`forward`/:func:`backward` take ``x`` (B or C) without a copy."""
+    L = x.shape[-1]
+    return x.stride(-1) == 1 and x.stride(0) % L == 0 and x.stride(1) % L == 0
+
+
+def compiled_kernel_count() -> int:
+    """Number of kernel binaries compiled so far in this process (forward and backward)."""
+    count = 0
+    for kernel in (_fwd_kernel, _bwd_kernel):
+        for cache in getattr(kernel, 'device_caches', {}).values():
+            count += len(cache[0])
+    return count
+
+
+def _bc_strides(x: torch.Tensor, L: int):
+    # In units of L: with L % VEC == 0 known to the compiler, B/C rows are provably aligned.
+    return x.stride(0) // L, x.stride(1) // L
+
+
+@functools.lru_cache(maxsize=64)
+def direction_tensor(directions: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``directions`` as an int32 device tensor, made once: a host-to-device copy per call costs
+    more than a small scan."""
+    return torch.tensor(directions, dtype=torch.int32, device=device)
+
+
+def _or_dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    # Absent D / delta_bias: the kernel never reads the pointer (HAS_D / HAS_BIAS are False).
+    return like if t is None else t.contiguous()
+
+
+@triton.jit
+def _affine_combine(a_left, b_left, a_right, b_right):
+    # Composition of h -> a h + b maps, left applied first; a reverse scan feeds the later
+    # steps' composite as the left operand, so the same rule serves both directions.
+    return a_left * a_right, a_right * b_left + b_right
+
+
+@triton.jit
+def _token_index(t, L, H, W, direction, ROW_MAJOR: tl.constexpr):
+    """Row-major storage index of the token visited at scan step ``t`` (see _directions.py)."""
+    if ROW_MAJOR:
+        return t
+    step = tl.where(direction >= 2, L - 1 - t, t)
+    return tl.where(direction % 2 == 1, (step % H) * W + step // H, step)
+
+
+@triton.jit
+def _effective_delta(raw, bias, SOFTPLUS: tl.constexpr):
+    x = raw + bias
+    if SOFTPLUS:
+        # softplus(x) = max(x, 0) + log1p(exp(-|x|)), with log1p's small-argument series so that
+        # very negative x keeps its tiny value instead of rounding to zero.
+        z = tl.exp(-tl.abs(x))
+        log1p = tl.where(z < 1e-4, z - 0.5 * z * z, tl.log(1.0 + z))
+        x = tl.maximum(x, 0.0) + log1p
+    return x
+
+
+@triton.jit
+def _program_coords(dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr,
+                    bias_ptr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Group, channels, their parameters, and the int64 row offsets of this program."""
+    pid = tl.program_id(0)
+    d_block = pid % n_dblocks
+    g = (pid // n_dblocks) % groups
+    b = pid // (n_dblocks * groups)
+    offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < dim_per_group
+    chan = g * dim_per_group + offs_d
+    A = tl.load(A_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+    D = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+    # int64: batch * dim * L passes 2**31 on large detection batches.
+    rows = (b * dim + chan).to(tl.int64)
+    bc_row = (b.to(tl.int64) * bc_stride_b + g * bc_stride_g) * L
+    return g, chan, d_mask, A, D, bias, rows, bc_row
+
+
+@triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks'])
+def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_ptr, y_ptr, state_ptr,
+                L, H, W, n_chunks, dim, groups, dim_per_group, n_dblocks, bc_stride_b, bc_stride_g,
+                HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    # L is a multiple of VEC (the caller checked): saying so lets the compiler prove rows
+    # 16-byte aligned, hence vectorised loads, without specialising on L itself.
+    L = (L // VEC) * VEC
+    g, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
+        dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr,
+        HAS_D, HAS_BIAS, BLOCK_D)
+    direction = 0
+    if not ROW_MAJOR:
+        direction = tl.load(dir_ptr + g)
+    row = rows * L
+    lane = tl.arange(0, BLOCK_T)
+    h = tl.zeros([BLOCK_D], dtype=tl.float32)
+    u_next, raw_next, B_next, C_next = _load_fwd_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, row, bc_row,
+                                                       d_mask, lane, 0, L, H, W, direction,
+                                                       ROW_MAJOR, BLOCK_T)
+    for chunk in range(0, n_chunks):
+        # The next chunk's loads go out before this chunk's scan, so memory never waits on it.
+        u, raw, Bt, Ct = u_next, raw_next, B_next, C_next
+        u_next, raw_next, B_next, C_next = _load_fwd_chunk(
+            u_ptr, delta_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, chunk + 1, L, H, W,
+            direction, ROW_MAJOR, BLOCK_T)
+        tl.store(state_ptr + rows * n_chunks + chunk, h, mask=d_mask)
+        t = chunk * BLOCK_T + lane
+        s = _token_index(t, L, H, W, direction, ROW_MAJOR)
+        mask = d_mask[:, None] & (t < L)[None, :]
+        # delta = 0 makes padding steps the identity map (a = 1, b = 0): the carry passes intact.
+        delta = tl.where(mask, _effective_delta(raw, bias[:, None], SOFTPLUS), 0.0)
+        a = tl.exp(delta * A[:, None])
+        bu = delta * u * Bt
+        a_cum, b_cum = tl.associative_scan((a, bu), axis=1, combine_fn=_affine_combine)
+        hs = a_cum * h[:, None] + b_cum
+        y = hs * Ct + D[:, None] * u
+        tl.store(y_ptr + row[:, None] + s[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        h = tl.sum(tl.where(lane[None, :] == BLOCK_T - 1, hs, 0.0), axis=1)
+
+
+@triton.jit
+def _load_bwd_chunk(u_ptr, delta_ptr, dy_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, chunk, L, H,
+                    W, direction, ROW_MAJOR: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Backward's loads of one chunk: :func:`_load_fwd_chunk`'s, dy, and raw delta one step on.
+
+    A chunk index below zero loads nothing (all masked).
+    """
+    u, raw, Bt, Ct = _load_fwd_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane,
+                                     chunk, L, H, W, direction, ROW_MAJOR, BLOCK_T)
+    t = chunk * BLOCK_T + lane
+    t_mask = (t >= 0) & (t < L)
+    mask = d_mask[:, None] & t_mask[None, :]
+    s = _token_index(t, L, H, W, direction, ROW_MAJOR)
+    dy = tl.load(dy_ptr + row[:, None] + s[None, :], mask=mask, other=0.0).to(tl.float32)
+    # Adjoint g_t = a_{t+1} g_{t+1} + C_t dy_t needs the decay of the following step: delta
+    # one step on is a second load of the same lines (a cache hit); a_L = 0 ends the chain.
+    t1 = t + 1
+    mask1 = d_mask[:, None] & ((t1 >= 0) & (t1 < L))[None, :]
+    s1 = _token_index(t1, L, H, W, direction, ROW_MAJOR)
+    raw1 = tl.load(delta_ptr + row[:, None] + s1[None, :], mask=mask1, other=0.0).to(tl.float32)
+    return u, raw, dy, Bt, Ct, raw1
+
+
+@triton.jit
+def _load_fwd_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, chunk, L, H, W,
+                    direction, ROW_MAJOR: tl.constexpr, BLOCK_T: tl.constexpr):
+    """u, raw delta ``[BLOCK_D, BLOCK_T]`` and B, C ``[1, BLOCK_T]`` of one chunk, zero past ``L``."""
+    t = chunk * BLOCK_T + lane
+    t_mask = (t >= 0) & (t < L)
+    s = _token_index(t, L, H, W, direction, ROW_MAJOR)
+    mask = d_mask[:, None] & t_mask[None, :]
+    offs = row[:, None] + s[None, :]
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # [1, BLOCK_T] rows in the tile's own layout, broadcast over channels without a shuffle.
+    bc_offs = bc_row + s[None, :]
+    Bt = tl.load(B_ptr + bc_offs, mask=t_mask[None, :], other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + bc_offs, mask=t_mask[None, :], other=0.0).to(tl.float32)
+    return u, raw, Bt, Ct
+
+
+@triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks', 'state_chunks'])
+def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_ptr, dy_ptr, state_ptr,
+                du_ptr, ddelta_ptr, param_ptr, dbc_ptr, L, H, W, n_chunks, state_chunks,
+                state_step, dim, groups, dim_per_group, n_dblocks, bc_stride_b, bc_stride_g,
+                HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, ATOMIC_BC: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    L = (L // VEC) * VEC
+    g, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
+        dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr,
+        HAS_D, HAS_BIAS, BLOCK_D)
+    direction = 0
+    if not ROW_MAJOR:
+        direction = tl.load(dir_ptr + g)
+    row = rows * L
+    lane = tl.arange(0, BLOCK_T)
+    # dB / dC of this image and group, contiguous (batch, groups, 1, L) each.
+    pid = tl.program_id(0)
+    dbc_row = (pid // n_dblocks).to(tl.int64) * L
+    dC_offset = tl.num_programs(0).to(tl.int64) // n_dblocks * L
+    g_next = tl.zeros([BLOCK_D], dtype=tl.float32)  # adjoint at the next chunk's first step
+    dA_acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+    u_next, raw_next, dy_next, B_next, C_next, raw1_next = _load_bwd_chunk(
+        u_ptr, delta_ptr, dy_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, n_chunks - 1, L, H, W,
+        direction, ROW_MAJOR, BLOCK_T)
+    for k in range(0, n_chunks):
+        chunk = n_chunks - 1 - k
+        # The previous chunk's loads go out before this chunk's scans (prefetch in registers).
+        u, raw, dy, Bt, Ct, raw1 = u_next, raw_next, dy_next, B_next, C_next, raw1_next
+        u_next, raw_next, dy_next, B_next, C_next, raw1_next = _load_bwd_chunk(
+            u_ptr, delta_ptr, dy_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, chunk - 1, L,
+            H, W, direction, ROW_MAJOR, BLOCK_T)
+        t = chunk * BLOCK_T + lane
+        t_mask = t < L
+        s = _token_index(t, L, H, W, direction, ROW_MAJOR)
+        mask = d_mask[:, None] & t_mask[None, :]
+        offs = row[:, None] + s[None, :]
+        mask1 = d_mask[:, None] & (t + 1 < L)[None, :]
+
+        # States of this chunk, recomputed from the state forward saved at its start.
+        delta = tl.where(mask, _effective_delta(raw, bias[:, None], SOFTPLUS), 0.0)
+        a = tl.exp(delta * A[:, None])
+        bu = delta * u * Bt
+        a_cum, b_cum = tl.associative_scan((a, bu), axis=1, combine_fn=_affine_combine)
+        h0 = tl.load(state_ptr + rows * state_chunks + chunk * state_step, mask=d_mask, other=0.0)
+        h = a_cum * h0[:, None] + b_cum
+
+        delta1 = _effective_delta(raw1, bias[:, None], SOFTPLUS)
+        a1 = tl.where(mask1, tl.exp(delta1 * A[:, None]), 0.0)
+        p_cum, q_cum = tl.associative_scan((a1, Ct * dy), axis=1,
+                                           combine_fn=_affine_combine, reverse=True)
+        adj = p_cum * g_next[:, None] + q_cum
+        g_next = tl.sum(tl.where(lane[None, :] == 0, adj, 0.0), axis=1)
+
+        # a_t h_{t-1} = h_t - b_t: the previous state without shifting h across lanes.
+        decayed_prev = h - bu
+        adj_delta = adj * delta
+        du = adj_delta * Bt + D[:, None] * dy
+        ddelta = adj * (A[:, None] * decayed_prev + Bt * u)
+        if SOFTPLUS:
+            ddelta = ddelta * tl.sigmoid(raw + bias[:, None])
+        tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + offs, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask)
+
+        dB = tl.sum(adj_delta * u, axis=0, keep_dims=True)
+        dC = tl.sum(h * dy, axis=0, keep_dims=True)
+        dB_ptrs = dbc_ptr + dbc_row + s[None, :]
+        if ATOMIC_BC:
+            tl.atomic_add(dB_ptrs, dB, mask=t_mask[None, :], sem='relaxed')
+            tl.atomic_add(dB_ptrs + dC_offset, dC, mask=t_mask[None, :], sem='relaxed')
+        else:
+            tl.store(dB_ptrs, dB.to(dbc_ptr.dtype.element_ty), mask=t_mask[None, :])
+            tl.store(dB_ptrs + dC_offset, dC.to(dbc_ptr.dtype.element_ty), mask=t_mask[None, :])
+
+        dA_acc += adj_delta * decayed_prev
+        dD_acc += dy * u
+        dbias_acc += tl.where(mask, ddelta, 0.0)
+    tl.atomic_add(param_ptr + chan, tl.sum(dA_acc, axis=1), mask=d_mask, sem='relaxed')
+    if HAS_D:
+        tl.atomic_add(param_ptr + dim + chan, tl.sum(dD_acc, axis=1), mask=d_mask, sem='relaxed')
+    if HAS_BIAS:
+        tl.atomic_add(param_ptr + 2 * dim + chan, tl.sum(dbias_acc, axis=1), mask=d_mask,
+                      sem='relaxed')
