@@ -124,7 +124,8 @@ def convert_official_state_dict(checkpoint: Mapping) -> 'OrderedDict[str, torch.
     """
     state = checkpoint.get('model', checkpoint)
     converted: Dict[str, torch.Tensor] = {}
-    ssm_parts: Dict[Tuple[str, str], Dict[int, torch.Tensor]] = {}
+    # (official layer prefix, our ssm prefix, official name) -> {group: tensor}
+    ssm_parts: Dict[Tuple[str, str, str], Dict[int, torch.Tensor]] = {}
     unknown = []
     for key, value in state.items():
         m = re.fullmatch(r'(.+)\.attn\.mamba_g([1-4])\.(.+)', key)
@@ -132,7 +133,8 @@ def convert_official_state_dict(checkpoint: Mapping) -> 'OrderedDict[str, torch.
             owner = _rename(f'{m.group(1)}.attn.norm.weight')  # locate the layer by a sibling
             if owner:
                 ssm_prefix = owner[:-len('norm.weight')] + 'ssm.'
-                ssm_parts.setdefault((ssm_prefix, m.group(3)), {})[int(m.group(2)) - 1] = value
+                parts = ssm_parts.setdefault((m.group(1), ssm_prefix, m.group(3)), {})
+                parts[int(m.group(2)) - 1] = value
                 continue
         new = _rename(key)
         if new:
@@ -143,9 +145,9 @@ def convert_official_state_dict(checkpoint: Mapping) -> 'OrderedDict[str, torch.
         raise KeyError(f'Unknown keys in the official checkpoint: {unknown}')
 
     groups = GroupedSS2D.groups
-    for (prefix, name), parts in ssm_parts.items():
+    for (layer, prefix, name), parts in ssm_parts.items():
         if len(parts) != groups:
-            absent = [f'{prefix}mamba_g{g + 1}.{name}' for g in range(groups) if g not in parts]
+            absent = [f'{layer}.attn.mamba_g{g + 1}.{name}' for g in range(groups) if g not in parts]
             raise KeyError(f'Official checkpoint lacks the SS2D parameters {absent}')
         ours, combine = _SSM_PARAMS[name]
         tensors = [parts[g] for g in range(groups)]

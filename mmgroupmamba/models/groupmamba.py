@@ -1,4 +1,4 @@
-"""GroupMamba (Shaker et al., arXiv 2407.13772): backbone for dense prediction and ImageNet classifier.
+"""GroupMamba (Shaker et al., arXiv 2407.13772): dense-prediction backbone and ImageNet classifier.
 
 Top-down: ``GroupMamba`` = stem -> 4 stages (downsample -> blocks -> LayerNorm);
 ``GroupMambaBlock`` = x + DropPath(GroupMambaLayer(x)), x + DropPath(FFN(LN(x)));
@@ -41,7 +41,7 @@ _INNER_NORM_EPS = 1e-5
 
 
 def resolve_arch(arch: Union[str, dict]) -> dict:
-    """Returns ``dict(embed_dims, depths, stem_channels, mlp_ratios)`` for a variant name or dict."""
+    """A variant name or dict -> ``dict(embed_dims, depths, stem_channels, mlp_ratios)``."""
     if isinstance(arch, str):
         if arch not in ARCH_SETTINGS:
             raise KeyError(f'Unknown GroupMamba arch {arch!r}; choose one of '
@@ -167,7 +167,7 @@ class GroupedSS2D(nn.Module):
 
 
 class ChannelAffinity(nn.Module):
-    """Squeeze-excitation style channel weights from per-channel means: (B, C) -> (B, C) in (0, 1)."""
+    """Squeeze-excitation style channel weights from channel means: (B, C) -> (B, C) in (0, 1)."""
 
     def __init__(self, embed_dims: int, reduction: int = 16):
         super().__init__()
@@ -329,7 +329,8 @@ class GroupMamba(BaseModule):
         norm_eval (bool): keep the stem's BatchNorms in eval mode while training.
         with_cp (bool): gradient checkpointing per block.
         drop_path_rate (float): stochastic depth, linearly increasing over all blocks.
-        init_cfg (dict, optional): e.g. ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
+        init_cfg (dict, optional): e.g.
+            ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
     """
 
     def __init__(self,
