@@ -6,7 +6,7 @@ several timed windows. Inputs are random normal images, never zeros.
 """
 import statistics
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,14 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _median_step_seconds(step: Callable[[], None], device: torch.device, warmup: int,
-                         steps: int, windows: int = 3) -> float:
+                         steps: int, windows: int = 3) -> Tuple[float, float]:
+    """(median seconds per step, seconds of the warm-up steps: compilation shows there)."""
+    _synchronize(device)
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
+    _synchronize(device)
+    warmup_seconds = time.perf_counter() - start
     times = []
     for _ in range(windows):
         _synchronize(device)
@@ -29,7 +34,7 @@ def _median_step_seconds(step: Callable[[], None], device: torch.device, warmup:
             step()
         _synchronize(device)
         times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
+    return statistics.median(times), warmup_seconds
 
 
 def _peak_gib(device: torch.device) -> Optional[float]:
@@ -54,18 +59,16 @@ def _logits_loss(outputs, labels, teacher_labels=None):
     return F.cross_entropy(outputs, labels)
 
 
-def measure_training(model: torch.nn.Module,
-                     batch_size: int,
-                     image_size: int = 224,
-                     num_classes: int = 1000,
-                     amp_dtype: Optional[torch.dtype] = torch.bfloat16,
-                     teacher: Optional[torch.nn.Module] = None,
-                     warmup: int = 5,
-                     steps: int = 10,
-                     device: str = 'cuda') -> Dict[str, Optional[float]]:
-    """Images per second and peak memory of full training steps (forward, loss, backward,
-    AdamW step) under autocast ``amp_dtype`` (None: full precision). A ``teacher`` adds its
-    no-grad forward to every step, as hard distillation does."""
+def training_step(model: torch.nn.Module,
+                  batch_size: int,
+                  image_size: int = 224,
+                  num_classes: int = 1000,
+                  amp_dtype: Optional[torch.dtype] = torch.bfloat16,
+                  teacher: Optional[torch.nn.Module] = None,
+                  device: str = 'cuda') -> Callable[[], None]:
+    """A closure running one training step (forward, loss, backward, AdamW step) on random
+    data under autocast ``amp_dtype`` (None: full precision). A ``teacher`` adds its no-grad
+    forward to every step, as hard distillation does."""
     device = torch.device(device)
     model = model.to(device).train()
     if teacher is not None:
@@ -86,10 +89,43 @@ def measure_training(model: torch.nn.Module,
         loss.backward()
         optimizer.step()
 
-    _reset_peak(device)
-    seconds = _median_step_seconds(step, device, warmup, steps)
+    return step
+
+
+def measure_training(model: torch.nn.Module,
+                     batch_size: int,
+                     image_size: int = 224,
+                     num_classes: int = 1000,
+                     amp_dtype: Optional[torch.dtype] = torch.bfloat16,
+                     teacher: Optional[torch.nn.Module] = None,
+                     warmup: int = 5,
+                     steps: int = 10,
+                     device: str = 'cuda') -> Dict[str, Optional[float]]:
+    """Images per second, peak memory and warm-up time of :func:`training_step`."""
+    step = training_step(model, batch_size, image_size, num_classes, amp_dtype, teacher, device)
+    _reset_peak(torch.device(device))
+    seconds, warmup_seconds = _median_step_seconds(step, torch.device(device), warmup, steps)
     return dict(images_per_s=batch_size / seconds, step_ms=seconds * 1e3,
-                peak_gib=_peak_gib(device))
+                peak_gib=_peak_gib(torch.device(device)), warmup_s=warmup_seconds)
+
+
+def profile_training(model: torch.nn.Module, batch_size: int, warmup: int = 5, steps: int = 3,
+                     **kwargs) -> torch.profiler.profile:
+    """A ``torch.profiler`` trace (CPU and CUDA activity) of ``steps`` training steps after
+    ``warmup`` untraced ones; keyword arguments as :func:`training_step`."""
+    step = training_step(model, batch_size, **kwargs)
+    device = torch.device(kwargs.get('device', 'cuda'))
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _synchronize(device)
+    return prof
 
 
 def measure_inference(model: torch.nn.Module,
@@ -111,6 +147,6 @@ def measure_inference(model: torch.nn.Module,
             model(images)
 
     _reset_peak(device)
-    seconds = _median_step_seconds(step, device, warmup, steps)
+    seconds, warmup_seconds = _median_step_seconds(step, device, warmup, steps)
     return dict(images_per_s=batch_size / seconds, step_ms=seconds * 1e3,
-                peak_gib=_peak_gib(device))
+                peak_gib=_peak_gib(device), warmup_s=warmup_seconds)

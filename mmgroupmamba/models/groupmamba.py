@@ -8,6 +8,7 @@ direction (``GroupedSS2D``) -> channel affinity modulation -> LayerNorm -> Linea
 Tokens travel channels-last, ``(B, H, W, C)``; convolutions see them as NCHW views with a
 channels-last memory layout, so no copies are made between the two.
 """
+import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -149,21 +150,58 @@ class GroupedSS2D(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
         G, d, N, R, L = self.groups, self.group_dims, self.d_state, self.dt_rank, H * W
-        uz = torch.einsum('bhwgc,gkc->bhwgk', x.reshape(B, H, W, G, d), self.in_proj_weight)
-        u, z = uz.split(d, dim=-1)
-        u = self.conv(u.reshape(B, H, W, C).permute(0, 3, 1, 2))
-        u = F.silu(u).reshape(B, C, L)
-        x_dbl = torch.einsum('bgdl,gkd->bgkl', u.view(B, G, d, L), self.x_proj_weight)
-        dt, B_ssm, C_ssm = x_dbl.split((R, N, N), dim=2)
-        dt = torch.einsum('bgrl,gdr->bgdl', dt, self.dt_proj_weight).reshape(B, C, L)
-        y = selective_scan(u, dt, -torch.exp(self.A_log.float()), B_ssm.contiguous(),
-                           C_ssm.contiguous(), self.D.float(), self.dt_bias.float(),
-                           delta_softplus=True, spatial_shape=(H, W), directions=SCAN_DIRECTIONS)
-        # LayerNorm over each group's d channels, with per-group affine parameters.
-        y = y.view(B, G, d, H, W).permute(0, 3, 4, 1, 2)
-        y = F.layer_norm(y, (d,), eps=_INNER_NORM_EPS) * self.out_norm_weight + self.out_norm_bias
-        y = y.to(z.dtype) * F.silu(z)
-        return torch.einsum('bhwgd,ged->bhwge', y, self.out_proj_weight).reshape(B, H, W, C)
+        # Channel-major (B, C, L) from the input projection to the output projection: the layout
+        # of the scan and of the depthwise convolution. The two projections change the layout
+        # inside their matmuls, and block-diagonal weights run all groups as one GEMM without
+        # regrouping copies (4x the FLOPs of the grouped product, still small next to the FFN).
+        tokens = x.reshape(B, L, C).transpose(1, 2)
+        u = _shared_bmm(_block_diag(self.in_proj_weight[:, :d]), tokens)
+        z = _shared_bmm(_block_diag(self.in_proj_weight[:, d:]), tokens)
+        u = F.silu(self.conv(u.view(B, C, H, W))).view(B, G, d, L)
+        x_dbl = torch.matmul(self.x_proj_weight, u)  # (B, G, R + 2N, L)
+        dt = torch.matmul(self.dt_proj_weight, x_dbl[:, :, :R])  # (B, G, d, L)
+        # B and C are strided views of x_dbl, which the scan takes without a copy.
+        y = _scan(u.view(B, C, L), dt.view(B, C, L), -torch.exp(self.A_log.float()),
+                  x_dbl[:, :, R:R + N], x_dbl[:, :, R + N:], self.D.float(), self.dt_bias.float(),
+                  spatial_shape=(H, W))
+        y = _group_norm_gate(y.view(B, G, d, L), z.view(B, G, d, L), self.out_norm_weight,
+                             self.out_norm_bias, _INNER_NORM_EPS)
+        out = torch.bmm(y.view(B, C, L).transpose(1, 2),
+                        _block_diag(self.out_proj_weight).t().expand(B, C, C))
+        return out.view(B, H, W, C)
+
+
+def _block_diag(weight: torch.Tensor) -> torch.Tensor:
+    """(G, m, n) per-group weights -> (G * m, G * n) block-diagonal matrix."""
+    return torch.block_diag(*weight.unbind(0))
+
+
+def _shared_bmm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(M, K) @ (B, K, L) -> contiguous (B, M, L). ``torch.matmul`` would return a transposed
+    view here (it folds the batch into the rows of ``x``); a stride-0 batch of the weight keeps
+    the output channel-major without a copy."""
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
+@torch.compiler.disable
+def _scan(u, delta, A, B, C, D, delta_bias, spatial_shape):
+    """The selective scan with softplus and the four groups' directions. Kept out of compiled
+    graphs: it is an autograd Function launching its own Triton kernels."""
+    return selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True,
+                          spatial_shape=spatial_shape, directions=SCAN_DIRECTIONS)
+
+
+def _group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+    """LayerNorm of ``y`` over each group's channels (dim 2), per-group affine, times SiLU(z).
+
+    y, z: (B, G, d, L); weight, bias: (G, d). The statistics are taken in at least float32 (as
+    autocast runs ``layer_norm``); the result has z's dtype.
+    """
+    y = y.to(torch.promote_types(y.dtype, torch.float32))
+    var, mean = torch.var_mean(y, dim=2, correction=0, keepdim=True)
+    y = (y - mean) * torch.rsqrt(var + eps) * weight[..., None] + bias[..., None]
+    return y.to(z.dtype) * F.silu(z)
 
 
 class ChannelAffinity(nn.Module):
@@ -221,16 +259,35 @@ class FFN(nn.Module):
 class GroupMambaBlock(nn.Module):
     """x + DropPath(GroupMambaLayer(x)); x + DropPath(FFN(LN(x))) on (B, H, W, C) tokens."""
 
-    def __init__(self, embed_dims: int, mlp_ratio: float, drop_path: float = 0.):
+    def __init__(self, embed_dims: int, mlp_ratio: float, drop_path: float = 0.,
+                 torch_compile: bool = False):
         super().__init__()
         self.mixer = GroupMambaLayer(embed_dims)
         self.norm = nn.LayerNorm(embed_dims, eps=_NORM_EPS)
         self.ffn = FFN(embed_dims, int(embed_dims * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.torch_compile = torch_compile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.torch_compile and x.is_cuda:
+            return _compiled_block_forward()(self, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(x))
         return x + self.drop_path(self.ffn(self.norm(x)))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_block_forward():
+    """``GroupMambaBlock._forward`` through ``torch.compile``, built on first use: the pointwise
+    work around the matmuls, convolutions and scan fuses into a few kernels, and backward
+    recomputes it instead of storing its intermediates. The scan is a graph break (``_scan``).
+    One code object serves every block: each stage width, mode (train/eval) and autocast dtype
+    is a cache entry, and changing image sizes turn into one dynamic-shape entry."""
+    limit = 64
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    return torch.compile(GroupMambaBlock._forward)
 
 
 class ClassBlock(nn.Module):
@@ -294,11 +351,12 @@ class GroupMambaStage(nn.Module):
     before ``self.norm`` (the caller applies it: the classifier needs the last stage without)."""
 
     def __init__(self, in_channels: Optional[int], embed_dims: int, mlp_ratio: float,
-                 drop_path_rates: Sequence[float], with_cp: bool = False):
+                 drop_path_rates: Sequence[float], with_cp: bool = False,
+                 torch_compile: bool = False):
         super().__init__()
         self.downsample = Downsample(in_channels, embed_dims) if in_channels else None
         self.blocks = nn.ModuleList(
-            GroupMambaBlock(embed_dims, mlp_ratio, rate) for rate in drop_path_rates)
+            GroupMambaBlock(embed_dims, mlp_ratio, rate, torch_compile) for rate in drop_path_rates)
         self.norm = nn.LayerNorm(embed_dims, eps=_NORM_EPS)
         self.with_cp = with_cp
 
@@ -328,6 +386,9 @@ class GroupMamba(BaseModule):
         frozen_stages (int): -1 freezes nothing, 0 the stem, k the stem and stages 0..k-1.
         norm_eval (bool): keep the stem's BatchNorms in eval mode while training.
         with_cp (bool): gradient checkpointing per block.
+        torch_compile (bool): run the blocks through ``torch.compile`` on CUDA (faster and
+            leaner training and inference; the first steps compile, a minute or so). CPU inputs
+            always run eagerly.
         drop_path_rate (float): stochastic depth, linearly increasing over all blocks.
         init_cfg (dict, optional): e.g.
             ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
@@ -341,6 +402,7 @@ class GroupMamba(BaseModule):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  drop_path_rate: float = 0.,
+                 torch_compile: bool = False,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
         settings = resolve_arch(arch)
@@ -363,7 +425,7 @@ class GroupMamba(BaseModule):
             first = sum(self.depths[:i])
             self.stages.append(GroupMambaStage(
                 self.embed_dims[i - 1] if i else None, dims, self.mlp_ratios[i],
-                rates[first:first + depth], with_cp))
+                rates[first:first + depth], with_cp, torch_compile))
         self.apply(_init_weights)
         self._freeze_stages()
 
@@ -418,9 +480,11 @@ class GroupMambaClassifier(nn.Module):
     eval mode, or only ``logits`` without distillation; each (B, num_classes)."""
 
     def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
-                 distillation: bool = True, drop_path_rate: float = 0.):
+                 distillation: bool = True, drop_path_rate: float = 0.,
+                 torch_compile: bool = False):
         super().__init__()
-        self.backbone = GroupMamba(arch, drop_path_rate=drop_path_rate)
+        self.backbone = GroupMamba(arch, drop_path_rate=drop_path_rate,
+                                   torch_compile=torch_compile)
         dims = self.backbone.embed_dims[-1]
         self.class_block = ClassBlock(dims, self.backbone.mlp_ratios[-1])
         self.head = nn.Linear(dims, num_classes)

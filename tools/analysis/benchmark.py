@@ -2,9 +2,12 @@
 
     python tools/analysis/benchmark.py                       # the whole table, batch 128, 224x224
     python tools/analysis/benchmark.py --models gm_t --teacher regnety_160   # + hard-distillation rows
+    python tools/analysis/benchmark.py --models gm_t --eager   # GroupMamba without torch.compile
 
 Training = forward, loss, backward and AdamW step under bf16 autocast; inference = eval-mode
 forward in bf16 (autocast) and in fp32. Random inputs; median of timed windows after warm-up.
+GroupMamba runs its blocks through torch.compile unless --eager; the warm-up column is the time
+of the warm-up steps (compilation included) of the training measurement.
 """
 import argparse
 import json
@@ -16,11 +19,11 @@ from mmgroupmamba.analysis.speed import measure_inference, measure_training
 from mmgroupmamba.models import GroupMambaClassifier
 
 MODELS = {
-    'gm_t': lambda: GroupMambaClassifier(arch='tiny'),
-    'gm_s': lambda: GroupMambaClassifier(arch='small'),
-    'gm_b': lambda: GroupMambaClassifier(arch='base'),
-    'swin_t': lambda: timm.create_model('swin_tiny_patch4_window7_224'),
-    'convnext_t': lambda: timm.create_model('convnext_tiny'),
+    'gm_t': lambda compile: GroupMambaClassifier(arch='tiny', torch_compile=compile),
+    'gm_s': lambda compile: GroupMambaClassifier(arch='small', torch_compile=compile),
+    'gm_b': lambda compile: GroupMambaClassifier(arch='base', torch_compile=compile),
+    'swin_t': lambda compile: timm.create_model('swin_tiny_patch4_window7_224'),
+    'convnext_t': lambda compile: timm.create_model('convnext_tiny'),
 }
 
 
@@ -34,6 +37,7 @@ def parse_args():
     parser.add_argument('--teacher', default=None,
                         help='timm name of a distillation teacher: adds "+ teacher" training rows')
     parser.add_argument('--skip', nargs='*', default=[], choices=['train', 'bf16', 'fp32'])
+    parser.add_argument('--eager', action='store_true', help='GroupMamba without torch.compile')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', help='also write the results as JSON to this file')
     return parser.parse_args()
@@ -44,27 +48,33 @@ def main():
     common = dict(batch_size=args.batch_size, image_size=args.image_size, device=args.device)
     rows = []
     for name in args.models:
-        row = dict(model=name)
+        row = dict(model=name + (' (eager)' if args.eager and name.startswith('gm_') else ''))
+
+        def build():
+            return MODELS[name](not args.eager)
+
         if 'train' not in args.skip:
-            train = measure_training(MODELS[name](), steps=args.steps, **common)
-            row.update(train_img_s=train['images_per_s'], train_peak_gib=train['peak_gib'])
+            train = measure_training(build(), steps=args.steps, **common)
+            row.update(train_img_s=train['images_per_s'], train_peak_gib=train['peak_gib'],
+                       warmup_s=train['warmup_s'])
         if 'bf16' not in args.skip:
             row['infer_bf16_img_s'] = measure_inference(
-                MODELS[name](), dtype=torch.bfloat16, steps=2 * args.steps, **common)['images_per_s']
+                build(), dtype=torch.bfloat16, steps=2 * args.steps, **common)['images_per_s']
         if 'fp32' not in args.skip:
             row['infer_fp32_img_s'] = measure_inference(
-                MODELS[name](), dtype=torch.float32, steps=2 * args.steps, **common)['images_per_s']
+                build(), dtype=torch.float32, steps=2 * args.steps, **common)['images_per_s']
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.teacher and 'train' not in args.skip:
             teacher = timm.create_model(args.teacher)
-            train = measure_training(MODELS[name](), teacher=teacher, steps=args.steps, **common)
+            train = measure_training(build(), teacher=teacher, steps=args.steps, **common)
             rows.append(dict(model=f'{name} + {args.teacher}', train_img_s=train['images_per_s'],
                              train_peak_gib=train['peak_gib']))
             print(json.dumps(rows[-1]), flush=True)
             del teacher
 
-    columns = ['model', 'train_img_s', 'infer_bf16_img_s', 'infer_fp32_img_s', 'train_peak_gib']
+    columns = ['model', 'train_img_s', 'infer_bf16_img_s', 'infer_fp32_img_s', 'train_peak_gib',
+               'warmup_s']
     print(f'\nbatch {args.batch_size}, {args.image_size}x{args.image_size}, device {args.device}'
           f' ({torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}),'
           f' torch {torch.__version__}')

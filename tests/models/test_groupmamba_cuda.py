@@ -1,0 +1,119 @@
+"""The fast GroupMamba forward against a plain per-group reference, and the CUDA model (eager and
+compiled, fp32 and bf16 autocast) against the float64 CPU model.
+
+The reference follows the official layout: one Linear, depthwise conv, x_proj/dt_proj, scan in one
+direction, LayerNorm and out_proj per group, concatenated. The CUDA tests need a GPU.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmgroupmamba.models import GroupMamba, GroupMambaClassifier
+from mmgroupmamba.models.groupmamba import _INNER_NORM_EPS, GroupedSS2D
+from mmgroupmamba.ops import SCAN_DIRECTIONS, selective_scan
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+
+ARCH = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), stem_channels=8,
+            mlp_ratios=(2, 2, 2, 2))
+
+
+def randomize(model, seed=0):
+    """Every parameter and BatchNorm statistic away from its (often symmetric) initial value."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator)
+                tensor.copy_((1.5 + noise.abs()) if 'running_var' in name else tensor + 0.1 * noise)
+    return model
+
+
+def reference_ss2d(ssm: GroupedSS2D, x: torch.Tensor) -> torch.Tensor:
+    """x (B, H, W, C) -> (B, H, W, C), group by group."""
+    B, H, W, _ = x.shape
+    d, R, N = ssm.group_dims, ssm.dt_rank, ssm.d_state
+    outs = []
+    for g, direction in enumerate(SCAN_DIRECTIONS):
+        channels = slice(g * d, (g + 1) * d)
+        u, z = F.linear(x[..., channels], ssm.in_proj_weight[g]).chunk(2, dim=-1)
+        u = F.conv2d(u.permute(0, 3, 1, 2), ssm.conv.weight[channels], ssm.conv.bias[channels],
+                     padding=1, groups=d)
+        u = F.silu(u).flatten(2)
+        dt, B_ssm, C_ssm = torch.einsum('bdl,kd->bkl', u, ssm.x_proj_weight[g]).split((R, N, N), 1)
+        dt = torch.einsum('brl,dr->bdl', dt, ssm.dt_proj_weight[g])
+        y = selective_scan(u, dt, -torch.exp(ssm.A_log[channels]), B_ssm, C_ssm, ssm.D[channels],
+                           ssm.dt_bias[channels], delta_softplus=True, spatial_shape=(H, W),
+                           directions=[direction])
+        y = F.layer_norm(y.transpose(1, 2), (d,), ssm.out_norm_weight[g], ssm.out_norm_bias[g],
+                         _INNER_NORM_EPS).view(B, H, W, d)
+        outs.append(F.linear(y * F.silu(z), ssm.out_proj_weight[g]))
+    return torch.cat(outs, dim=-1)
+
+
+@pytest.mark.parametrize('size', [(7, 9), (1, 1), (12, 5)])
+def test_grouped_ss2d_matches_per_group_reference(size):
+    ssm = randomize(GroupedSS2D(40)).double()
+    x = torch.randn(2, *size, 40, dtype=torch.double, requires_grad=True)
+    out = ssm(x)
+    ref = reference_ss2d(ssm, x)
+    torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-9)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *ssm.parameters()], grad)
+    ref_grads = torch.autograd.grad(ref, [x, *ssm.parameters()], grad)
+    for name, a, b in zip(['x'] + [n for n, _ in ssm.named_parameters()], grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=name)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def _outputs_and_grads(model, images, dtype):
+    """Sum of the stage maps' squared means as a loss; (maps, {name: grad})."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        outs = model(images)
+    sum((o.float() ** 2).mean() for o in outs).backward()
+    return outs, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@requires_cuda
+@pytest.mark.parametrize('arch,size', [(ARCH, (224, 224)), (ARCH, (203, 150)),
+                                       ('tiny', (224, 224)), ('tiny', (97, 130))])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('torch_compile', [False, True])
+def test_cuda_model_matches_float64_cpu(arch, size, dtype, torch_compile):
+    """Outputs and gradients of the CUDA backbone (Triton scan) against float64 on the CPU."""
+    torch.manual_seed(0)
+    reference = randomize(GroupMamba(arch)).double().train()
+    model = GroupMamba(arch, torch_compile=torch_compile).cuda().train()
+    model.load_state_dict(reference.state_dict())
+    images = torch.randn(2, 3, *size, dtype=torch.double)
+    ref_outs, ref_grads = _outputs_and_grads(reference, images, torch.float32)
+    outs, grads = _outputs_and_grads(model, images.float().cuda(), dtype)
+    # TF32 stays off; bf16 rounds every matmul input and activation along a deep network.
+    out_tol, grad_tol = (1e-4, 1e-3) if dtype == torch.float32 else (3e-2, 8e-2)
+    for out, ref in zip(outs, ref_outs):
+        assert out.shape == ref.shape
+        assert _relative_error(out, ref) < out_tol
+    assert set(grads) == set(ref_grads)
+    errors = {name: _relative_error(grads[name], ref_grads[name]) for name in ref_grads}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < grad_tol, (worst, errors[worst])
+
+
+@requires_cuda
+@pytest.mark.parametrize('torch_compile', [False, True])
+def test_cuda_classifier_inference_bf16(torch_compile):
+    """Eval-mode classifier in bf16 autocast against float64 on the CPU."""
+    reference = randomize(GroupMambaClassifier('tiny', num_classes=10)).double().eval()
+    model = GroupMambaClassifier('tiny', num_classes=10, torch_compile=torch_compile).cuda().eval()
+    model.load_state_dict(reference.state_dict())
+    images = torch.randn(4, 3, 224, 224, dtype=torch.double)
+    with torch.no_grad():
+        expected = reference(images)
+    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
+        logits = model(images.float().cuda())
+    assert _relative_error(logits, expected) < 3e-2
