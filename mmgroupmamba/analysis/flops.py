@@ -8,7 +8,8 @@ is priced by its handle. Matrix products, linear layers, einsums and convolution
 per multiply-add; layer and group norms 5 per element (4 without affine), inference batch norm 2
 per element, bilinear upsampling 4 and nearest upsampling 1 per output element, adaptive average
 pooling 1 per input element; element-wise operators (activations, residual additions, gating
-products, softmax) are free. The selective scan, an opaque op to the tracer, counts
+products, softmax) are free. The SS2D mixers' per-group projections, which the model runs as
+block-diagonal GEMMs over all channels, count only their diagonal blocks. The selective scan, an opaque op to the tracer, counts
 ``9 * B * L * D * N`` for the recurrence plus ``B * D * L`` for the ``D`` skip term (the
 convention of the Mamba and VMamba counters), with ``B`` the batch, ``L = H * W`` the tokens,
 ``D`` the scanned channels (the four direction groups together) and ``N`` the state size (1 in
@@ -75,6 +76,7 @@ def count_flops(model: nn.Module, inputs: Tuple[Any, ...], count_scan: bool = Tr
         analyzer.uncalled_modules_warnings(False)
         by_operator = analyzer.by_operator()
         unsupported = analyzer.unsupported_ops()
+        by_operator.subtract(_block_diagonal_excess(model, analyzer.by_module_and_operator()))
     by_operator = Counter({_OPERATOR_NAMES.get(k, k): v for k, v in by_operator.items() if v})
     return FlopsReport(flops=int(sum(by_operator.values())), params=parameter_count(model)[''],
                        by_operator=by_operator, input_shape=tuple(inputs[0].shape),
@@ -146,6 +148,24 @@ def _traced_selective_scan(u, delta, A, B, C, D=None, *args, **kwargs):
     return _TracedSelectiveScan.apply(
         u, A, u.new_zeros(0) if D is None else D,
         lambda: _selective_scan(u, delta, A, B, C, D, *args, **kwargs))
+
+
+def _block_diagonal_excess(model: nn.Module, by_module: dict) -> Counter:
+    """FLOPs a count over-states in the SS2D mixers, to subtract.
+
+    ``GroupedSS2D`` runs each group's input and output projections as one block-diagonal GEMM
+    over all ``C = G * d`` channels (``bmm``): one launch instead of ``G``, but only the ``G``
+    diagonal ``d x d`` blocks, ``1/G`` of its products, are the model's arithmetic (zeros
+    elsewhere). Counting those blocks keeps the figure the model's, not the kernel layout's.
+    """
+    from mmgroupmamba.models.groupmamba import GroupedSS2D
+
+    excess = Counter()
+    for name, module in model.named_modules():
+        if isinstance(module, GroupedSS2D):
+            executed = by_module.get(name, Counter())['bmm']
+            excess['bmm'] += executed - executed // module.groups
+    return excess
 
 
 def _scan_handle(inputs: List[Any], outputs: List[Any]) -> int:
