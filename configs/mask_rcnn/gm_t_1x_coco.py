@@ -9,10 +9,13 @@ _base_ = [
 ]
 custom_imports = dict(imports=['mmgroupmamba'], allow_failed_imports=False)
 
-# ImageNet-pretrained GroupMamba-T with 'backbone.'-prefixed keys: convert the official release with
-# `python tools/convert_official.py groupmamba_tiny.pth checkpoints/groupmamba_tiny_backbone.pth`
-# or point this at a checkpoint of our own ImageNet training. Training stops at weight
-# initialisation with FileNotFoundError naming this path when the file is absent.
+# The ImageNet-pretrained GroupMamba-T ('backbone.'-prefixed keys), either the official release
+# converted by
+#   python tools/convert_official.py groupmamba_tiny.pth checkpoints/groupmamba_tiny_backbone.pth
+# or our own ImageNet training (configs/imagenet/) extracted by
+#   python tools/cls2backbone.py CLS_CHECKPOINT checkpoints/groupmamba_tiny_backbone.pth
+# When the file is absent, training stops at weight initialisation with
+# "FileNotFoundError: checkpoint checkpoints/groupmamba_tiny_backbone.pth can not be found."
 pretrained = 'checkpoints/groupmamba_tiny_backbone.pth'
 
 model = dict(

@@ -28,7 +28,7 @@ _CIRCLE_VERTICES = 32
 def make_toy_coco(out_dir: str,
                   seed: int = 0,
                   *,
-                  image_size: int = 128,
+                  image_size: int = 96,
                   num_train: int = 300,
                   num_val: int = 50,
                   max_objects: int = 3) -> str:
@@ -80,7 +80,7 @@ def _make_split(rng: np.random.Generator, out_dir: str, split: str, num_images: 
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A linear gradient between two random muted colours plus pixel noise, (size, size, 3) uint8."""
+    """A linear gradient between two muted colours plus pixel noise: (size, size, 3) uint8."""
     start, end = rng.uniform(40, 200, (2, 3))
     angle = rng.uniform(0, 2 * math.pi)
     ys, xs = np.mgrid[0:size, 0:size] / max(size - 1, 1)
@@ -104,7 +104,8 @@ def _place_shapes(rng: np.random.Generator, size: int,
             continue
         label = int(rng.integers(len(CLASSES)))
         discs.append((cx, cy, radius))
-        shapes.append((label, _polygon(CLASSES[label], cx, cy, radius, rng.uniform(0, 2 * math.pi))))
+        angle = rng.uniform(0, 2 * math.pi)
+        shapes.append((label, _polygon(CLASSES[label], cx, cy, radius, angle)))
     return shapes
 
 

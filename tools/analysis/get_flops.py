@@ -17,7 +17,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument('config', nargs='?', help='detection, segmentation or classification config')
+    target.add_argument('config', nargs='?',
+                        help='detection, segmentation or classification config')
     target.add_argument('--arch', choices=('tiny', 'small', 'base'),
                         help='count a bare GroupMambaClassifier instead of a config')
     parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'), default=None,
