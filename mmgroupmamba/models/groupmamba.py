@@ -343,7 +343,9 @@ class Stem(Downsample):
             ConvBNReLU(stem_channels, stem_channels, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.convs(x))
+        # Channels-last from the image on: the BatchNorms of a channels-first bf16 map take a
+        # slow generic kernel, and the tokens after the stem are channels-last anyway.
+        return super().forward(self.convs(x.contiguous(memory_format=torch.channels_last)))
 
 
 class GroupMambaStage(nn.Module):

@@ -80,10 +80,11 @@ def _outputs_and_grads(model, images, dtype):
 
 
 @requires_cuda
-@pytest.mark.parametrize('arch,size', [(ARCH, (224, 224)), (ARCH, (203, 150)),
-                                       ('tiny', (224, 224)), ('tiny', (97, 130))])
+@pytest.mark.parametrize('arch,size,torch_compile', [
+    (ARCH, (224, 224), False), (ARCH, (203, 150), False), ('tiny', (224, 224), False),
+    ('tiny', (97, 130), False), (ARCH, (224, 224), True), (ARCH, (203, 150), True),
+    (ARCH, (161, 243), True)])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('torch_compile', [False, True])
 def test_cuda_model_matches_float64_cpu(arch, size, dtype, torch_compile):
     """Outputs and gradients of the CUDA backbone (Triton scan) against float64 on the CPU."""
     torch.manual_seed(0)
@@ -108,8 +109,9 @@ def test_cuda_model_matches_float64_cpu(arch, size, dtype, torch_compile):
 @pytest.mark.parametrize('torch_compile', [False, True])
 def test_cuda_classifier_inference_bf16(torch_compile):
     """Eval-mode classifier in bf16 autocast against float64 on the CPU."""
-    reference = randomize(GroupMambaClassifier('tiny', num_classes=10)).double().eval()
-    model = GroupMambaClassifier('tiny', num_classes=10, torch_compile=torch_compile).cuda().eval()
+    arch = ARCH if torch_compile else 'tiny'  # compiling the tiny model's widths takes minutes
+    reference = randomize(GroupMambaClassifier(arch, num_classes=10)).double().eval()
+    model = GroupMambaClassifier(arch, num_classes=10, torch_compile=torch_compile).cuda().eval()
     model.load_state_dict(reference.state_dict())
     images = torch.randn(4, 3, 224, 224, dtype=torch.double)
     with torch.no_grad():
