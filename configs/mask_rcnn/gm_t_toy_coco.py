@@ -1,15 +1,15 @@
 # The quickstart: Mask R-CNN with a GroupMamba-T backbone trained from scratch on the CPU on the
 # project's toy COCO (`python tools/make_toy_data.py coco data/toy_coco`: circles, squares and
-# triangles on noisy backgrounds, 128x128 images). Everything not below is gm_t_1x_coco.py's; what
+# triangles on noisy backgrounds, 96x96 images). Everything not below is gm_t_1x_coco.py's; what
 # changes shrinks the problem to CPU size: small images, a 128-channel FPN and lighter RoI heads,
-# fewer sampled anchors/RoIs and proposals, a short schedule with a higher LR.
+# fewer sampled anchors/RoIs and proposals, a short schedule (300 iterations) with a higher LR.
 _base_ = ['./gm_t_1x_coco.py']
 
 data_root = 'data/toy_coco/'
 metainfo = dict(
     classes=('circle', 'square', 'triangle'),
     palette=[(220, 40, 40), (40, 190, 60), (50, 80, 230)])
-image_scale = (128, 128)
+image_scale = (96, 96)
 fpn_channels = 128
 
 model = dict(
@@ -65,14 +65,13 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/val.json', metric=['bbox', 'segm'])
 test_evaluator = val_evaluator
 
-max_epochs = 12
+max_epochs = 4
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[9, 11],
-         gamma=0.1),
+    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[3], gamma=0.1),
 ]
-optim_wrapper = dict(optimizer=dict(lr=5e-4), clip_grad=dict(max_norm=10, norm_type=2))
+optim_wrapper = dict(optimizer=dict(lr=1e-3), clip_grad=dict(max_norm=10, norm_type=2))
 
 default_hooks = dict(
     logger=dict(interval=10),
