@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mmgroupmamba.datasets.toy_coco import make_toy_coco
@@ -72,14 +73,31 @@ def trained(tmp_path_factory):
                 checkpoint=osp.join(work_dir, 'epoch_1.pth'))
 
 
-def test_test_reports_bbox_and_segm_metrics_and_draws(trained):
-    show_dir = 'vis'
+@pytest.fixture(scope='module')
+def tested(trained):
+    """tools/test.py of the checkpoint in one process: its output, predictions and work dir."""
+    work_dir = trained['tmp'] / 'test'
     out = _run(sys.executable, 'tools/test.py', trained['config'], trained['checkpoint'],
-               '--work-dir', str(trained['tmp'] / 'test'), '--show-dir', show_dir)
+               '--work-dir', str(work_dir), '--show-dir', 'vis',
+               '--out', str(work_dir / 'predictions.pkl'))
     assert out.returncode == 0, out.stderr[-4000:]
-    metrics = _metrics(out.stdout + out.stderr)
+    return dict(log=out.stdout + out.stderr, work_dir=work_dir,
+                predictions=work_dir / 'predictions.pkl')
+
+
+def _predictions(path):
+    """{img_id: (boxes, scores, labels)} of a DumpDetResults file."""
+    from mmengine.fileio import load
+
+    keys = ('bboxes', 'scores', 'labels')
+    return {p['img_id']: tuple(p['pred_instances'][k].numpy() for k in keys)
+            for p in load(str(path))}
+
+
+def test_test_reports_bbox_and_segm_metrics_and_draws(tested):
+    metrics = _metrics(tested['log'])
     assert {'bbox_mAP', 'segm_mAP', 'bbox_mAP_50', 'segm_mAP_50'} <= set(metrics)
-    pictures = [f for _, _, files in os.walk(trained['tmp'] / 'test') for f in files
+    pictures = [f for _, _, files in os.walk(tested['work_dir']) for f in files
                 if f.endswith('.png')]
     assert len(pictures) == 2  # one per val image
 
@@ -95,15 +113,20 @@ def test_resume_continues_from_checkpoint(trained):
     assert 'epoch_2.pth' in _pth_files(trained['work_dir'])
 
 
-def test_two_process_test_matches_one(trained):
-    single = _run(sys.executable, 'tools/test.py', trained['config'], trained['checkpoint'],
-                  '--work-dir', str(trained['tmp'] / 'single'))
-    assert single.returncode == 0, single.stderr[-4000:]
+def test_two_process_test_matches_one(trained, tested):
+    work_dir = trained['tmp'] / 'double'
     double = _run('bash', 'tools/dist_test.sh', trained['config'], trained['checkpoint'], '2',
-                  '--work-dir', str(trained['tmp'] / 'double'))
+                  '--work-dir', str(work_dir), '--out', str(work_dir / 'predictions.pkl'))
     assert double.returncode == 0, double.stderr[-4000:]
-    one, two = _metrics(single.stdout + single.stderr), _metrics(double.stdout + double.stderr)
-    assert one and one == two
+    one = _metrics(tested['log'])
+    assert one and one == _metrics(double.stdout + double.stderr)
+    single, split = _predictions(tested['predictions']), _predictions(work_dir / 'predictions.pkl')
+    assert sorted(single) == sorted(split)
+    assert sum(len(boxes) for boxes, _, _ in single.values()) > 0
+    for img_id, (boxes, scores, labels) in single.items():
+        np.testing.assert_allclose(split[img_id][0], boxes, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(split[img_id][1], scores, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(split[img_id][2], labels)
 
 
 def test_missing_dataset_fails_clearly(trained):
