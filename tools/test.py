@@ -11,7 +11,8 @@ import os
 
 from mmengine.config import DictAction
 
-from mmgroupmamba.engine.runner import build_runner, configure_test, load_config
+from mmgroupmamba.engine.runner import (build_runner, check_checkpoint_fits, configure_test,
+                                        load_config)
 
 
 def parse_args():
@@ -48,7 +49,12 @@ def main():
                        show_dir=args.show_dir, wait_time=args.wait_time, tta=args.tta)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
-    build_runner(cfg).test()
+    runner = build_runner(cfg)
+    try:
+        check_checkpoint_fits(runner.model, args.checkpoint)
+    except ValueError as error:
+        raise SystemExit(f'error: {error}')
+    runner.test()
 
 
 if __name__ == '__main__':

@@ -9,14 +9,19 @@ option needs) is checked before the Runner is built, so a bad invocation writes 
 import datetime
 import importlib
 import os.path as osp
+import re
 
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, ConfigDict
+from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
 
-__all__ = ['SCOPES', 'load_config', 'configure_train', 'configure_test', 'build_runner']
+from .checkpoint import load_checkpoint_file
+
+__all__ = ['SCOPES', 'load_config', 'configure_train', 'configure_test', 'build_runner',
+           'check_checkpoint_fits']
 
 # default_scope -> module whose import registers that scope's modules.
 SCOPES = {
@@ -149,6 +154,49 @@ def build_runner(cfg):
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
+
+
+def check_checkpoint_fits(model, checkpoint):
+    """Refuse a checkpoint whose weights do not fit ``model`` before anything is evaluated.
+
+    mmengine loads ``load_from`` non-strictly: a checkpoint of another architecture (a GM-S
+    detector tested with a GM-T config, say) only logs a warning and the half-loaded model is
+    evaluated. Here every parameter and buffer of the model must be in the checkpoint with the
+    same shape; keys the model does not have are ignored, as mmengine does.
+
+    Args:
+        model (nn.Module): the runner's model (wrappers and TTA models are looked through).
+        checkpoint (str): a local file (URLs are left to mmengine).
+
+    Raises:
+        ValueError: naming the missing keys and the shape mismatches.
+    """
+    if '://' in checkpoint:
+        return
+    while is_model_wrapper(model) or isinstance(model, BaseTTAModel):
+        model = model.module
+    state = load_checkpoint_file(checkpoint, map_location='cpu')
+    state = state.get('state_dict', state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValueError(f'{checkpoint} holds no state dict')
+    state = {re.sub(r'^module\.', '', key): value for key, value in state.items()}
+    own = model.state_dict()
+    mismatched = [
+        f'{key}: checkpoint {tuple(state[key].shape)}, model {tuple(value.shape)}'
+        for key, value in own.items()
+        if key in state and getattr(state[key], 'shape', value.shape) != value.shape
+    ]
+    missing = [key for key in own if key not in state]
+    if mismatched or missing:
+        lines = [f'{checkpoint} does not fit the model of this config '
+                 '(a checkpoint of another architecture or task?):']
+        if mismatched:
+            lines.append(f'size mismatch for {len(mismatched)} tensors, e.g. '
+                         + '; '.join(mismatched[:5]))
+        if missing:
+            lines.append(f'{len(missing)} model tensors missing from the checkpoint, e.g. '
+                         + ', '.join(missing[:5]))
+        raise ValueError('\n  '.join(lines))
 
 
 def _check_checkpoint(checkpoint):
