@@ -85,8 +85,10 @@ def _outputs_and_grads(model, images, dtype):
     ('tiny', (97, 130), False), (ARCH, (224, 224), True), (ARCH, (203, 150), True),
     (ARCH, (161, 243), True)])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_cuda_model_matches_float64_cpu(arch, size, dtype, torch_compile):
+def test_cuda_model_matches_float64_cpu(arch, size, dtype, torch_compile, monkeypatch):
     """Outputs and gradients of the CUDA backbone (Triton scan) against float64 on the CPU."""
+    # cuDNN convolutions default to TF32 (~1e-3 relative); the float32 check wants float32.
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     torch.manual_seed(0)
     reference = randomize(GroupMamba(arch)).double().train()
     model = GroupMamba(arch, torch_compile=torch_compile).cuda().train()
@@ -94,11 +96,12 @@ def test_cuda_model_matches_float64_cpu(arch, size, dtype, torch_compile):
     images = torch.randn(2, 3, *size, dtype=torch.double)
     ref_outs, ref_grads = _outputs_and_grads(reference, images, torch.float32)
     outs, grads = _outputs_and_grads(model, images.float().cuda(), dtype)
-    # TF32 stays off; bf16 rounds every matmul input and activation along a deep network.
+    # bf16 rounds every matmul input and activation along a deep network.
     out_tol, grad_tol = (1e-4, 1e-3) if dtype == torch.float32 else (3e-2, 8e-2)
     for out, ref in zip(outs, ref_outs):
         assert out.shape == ref.shape
-        assert _relative_error(out, ref) < out_tol
+        error = _relative_error(out, ref)
+        assert error < out_tol, (tuple(out.shape), error)
     assert set(grads) == set(ref_grads)
     errors = {name: _relative_error(grads[name], ref_grads[name]) for name in ref_grads}
     worst = max(errors, key=errors.get)
