@@ -11,10 +11,11 @@
    with every image linked many times so that an epoch holds enough full batches.
 
 Images/s per GPU come from the ``time`` of mmengine's json logs (median over the windows after
-the warm-up); efficiency = images/s per GPU on 2 GPUs over that on 1.
+the warm-up); efficiency = images/s per GPU on 2 GPUs over that on 1. --gpus N uses N GPUs
+wherever this says 2.
 
     python tools/analysis/multi_gpu_check.py --out DIR [--root work_dirs/multi_gpu_check]
-        [--budget 360] [--smoke]
+        [--budget 360] [--gpus 2] [--smoke]
 
 --smoke (or MULTI_GPU_CHECK_SMOKE=1): the same steps with tiny settings, for a dry run on a CPU
 (2 gloo processes). Every step has its own time limit inside --budget seconds; DIR receives
@@ -22,6 +23,7 @@ summary.txt, summary.json and logs.tar.gz (each step's output and the runs' json
 after every step, so a run cut short still leaves what it did.
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -32,7 +34,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import asdict, dataclass
 
 from mmengine.config import Config
 
@@ -49,7 +50,7 @@ NCCL_ENV = dict(NCCL_NVLS_ENABLE='0', TORCH_SYMM_MEM_DISABLE_MULTICAST='1',
                 NVSHMEM_DISABLE_NVLS='1')
 
 
-@dataclass
+@dataclasses.dataclass
 class Settings:
     det_scale: tuple          # Mask R-CNN input (w, h), resized without keeping the ratio
     det_epochs: int           # first 2-GPU run; the resumed run adds one epoch
@@ -97,16 +98,21 @@ def parse_args():
                         help='data and work dirs of all runs')
     parser.add_argument('--budget', type=float, default=360,
                         help='seconds for everything; steps are cut to fit')
+    parser.add_argument('--gpus', type=int, default=2,
+                        help='GPUs (smoke: CPU processes) of the multi-GPU runs, at least 2')
     parser.add_argument('--smoke', action='store_true',
                         default=os.environ.get('MULTI_GPU_CHECK_SMOKE') == '1')
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.gpus < 2:
+        parser.error('--gpus must be at least 2: the check compares them with 1')
+    return args
 
 
 class Check:
     """Runs the steps one after another under one deadline and keeps the summary current."""
 
     def __init__(self, args):
-        self.s = SMOKE if args.smoke else GPU
+        self.s = dataclasses.replace(SMOKE if args.smoke else GPU, gpus=args.gpus)
         self.smoke = args.smoke
         self.root = osp.abspath(args.root)
         self.out = osp.abspath(args.out)
@@ -249,31 +255,31 @@ class Check:
         cls = self.cls_options(osp.join(data, 'toy_imagenet_repeated'), teacher)
         no_val = 'train_cfg.val_begin=1000'
         # Steps whose times are reported run alone; the others share the GPUs.
-        self.run([('det_train_2gpu', self.train(DET_CONFIG, s.gpus, 'det_2gpu',
+        self.run([('det_train_multi', self.train(DET_CONFIG, s.gpus, 'det_multi',
                                                 det + [f'train_cfg.max_epochs={s.det_epochs}',
                                                        no_val]), None)], limit=120)
-        self.run([('det_resume_2gpu', self.train(DET_CONFIG, s.gpus, 'det_2gpu',
+        self.run([('det_resume_multi', self.train(DET_CONFIG, s.gpus, 'det_multi',
                                                  det + [f'train_cfg.max_epochs={s.det_epochs + 1}',
                                                         no_val], '--resume'), None),
-                  ('seg_train_2gpu', self.train(SEG_CONFIG, s.gpus, 'seg_2gpu', seg), None)],
+                  ('seg_train_multi', self.train(SEG_CONFIG, s.gpus, 'seg_multi', seg), None)],
                  limit=90)
         one_gpu = [f'train_dataloader.dataset.indices={s.det_one_gpu_images}',
                    'train_cfg.max_epochs=1', no_val]
         self.run([('det_train_1gpu', self.train(DET_CONFIG, 1, 'det_1gpu', det + one_gpu), '0')],
                  limit=80)
 
-        det_ckpt = osp.join(self.work_dir('det_2gpu'), f'epoch_{s.det_epochs + 1}.pth')
-        seg_ckpt = osp.join(self.work_dir('seg_2gpu'), f'iter_{s.seg_iters}.pth')
-        self.run([('det_test_2gpu', self.test(DET_CONFIG, det_ckpt, s.gpus, 'det_test_2gpu', det),
-                   None),
-                  ('seg_test_2gpu', self.test(SEG_CONFIG, seg_ckpt, s.gpus, 'seg_test_2gpu', seg),
-                   None),
+        det_ckpt = osp.join(self.work_dir('det_multi'), f'epoch_{s.det_epochs + 1}.pth')
+        seg_ckpt = osp.join(self.work_dir('seg_multi'), f'iter_{s.seg_iters}.pth')
+        self.run([('det_test_multi', self.test(DET_CONFIG, det_ckpt, s.gpus, 'det_test_multi',
+                                               det), None),
+                  ('seg_test_multi', self.test(SEG_CONFIG, seg_ckpt, s.gpus, 'seg_test_multi',
+                                               seg), None),
                   ('det_test_1gpu', self.test(DET_CONFIG, det_ckpt, 1, 'det_test_1gpu', det), '0'),
                   ('seg_test_1gpu', self.test(SEG_CONFIG, seg_ckpt, 1, 'seg_test_1gpu', seg), '1')],
                  limit=90)
 
-        self.run([('cls_train_2gpu', self.train(
-            CLS_CONFIG, s.gpus, 'cls_2gpu', cls + [f'train_cfg.max_epochs={s.cls_epochs_two}']),
+        self.run([('cls_train_multi', self.train(
+            CLS_CONFIG, s.gpus, 'cls_multi', cls + [f'train_cfg.max_epochs={s.cls_epochs_two}']),
             None)], limit=110)
         self.run([('cls_train_1gpu', self.train(
             CLS_CONFIG, 1, 'cls_1gpu', cls + [f'train_cfg.max_epochs={s.cls_epochs_one}']), '0')],
@@ -282,17 +288,17 @@ class Check:
     # ---- summary ------------------------------------------------------------------------------
     def report(self):
         summary = dict(date=datetime.date.today().isoformat(), device=_device(), smoke=self.smoke,
-                       settings=asdict(self.s), steps=self.steps)
+                       settings=dataclasses.asdict(self.s), steps=self.steps)
         lines = [f'date {summary["date"]}; {summary["device"]}; smoke={self.smoke}']
         lines += [f'  {st["name"]}: rc={st["rc"]} {st["seconds"]} s' for st in self.steps]
         s = self.s
         trains = {}
         for key, name, index, batch, warmup in (
-                ('det_2gpu', 'det_2gpu', 0, s.det_batch, s.det_warmup),
-                ('det_resume', 'det_2gpu', 1, s.det_batch, 0),
+                ('det_multi', 'det_multi', 0, s.det_batch, s.det_warmup),
+                ('det_resume', 'det_multi', 1, s.det_batch, 0),
                 ('det_1gpu', 'det_1gpu', 0, s.det_batch, s.det_warmup),
-                ('seg_2gpu', 'seg_2gpu', 0, 2, 0),
-                ('cls_2gpu', 'cls_2gpu', 0, s.cls_batch, s.cls_warmup),
+                ('seg_multi', 'seg_multi', 0, 2, 0),
+                ('cls_multi', 'cls_multi', 0, s.cls_batch, s.cls_warmup),
                 ('cls_1gpu', 'cls_1gpu', 0, s.cls_batch, s.cls_warmup)):
             logs = json_logs(self.work_dir(name))
             try:
@@ -304,41 +310,41 @@ class Check:
                          f'{t.last_loss:.4f}, {t.seconds_per_iter:.4f} s/iter (data '
                          f'{t.data_seconds_per_iter:.4f}) over {t.num_windows} windows, '
                          f'{t.images_per_s_per_gpu:.1f} images/s/GPU')
-        summary['train'] = {k: asdict(v) for k, v in trains.items()}
-        if 'det_2gpu' in trains and 'det_resume' in trains:
+        summary['train'] = {k: dataclasses.asdict(v) for k, v in trains.items()}
+        if 'det_multi' in trains and 'det_resume' in trains:
             summary['resume_continues'] = (trains['det_resume'].first_step
-                                           > trains['det_2gpu'].last_step)
+                                           > trains['det_multi'].last_step)
             lines.append(f'resume continues the iteration counter: {summary["resume_continues"]}')
-        det_dir = self.work_dir('det_2gpu')
+        det_dir = self.work_dir('det_multi')
         summary['checkpoints'] = sorted(f for f in os.listdir(det_dir) if f.endswith('.pth')) \
             if osp.isdir(det_dir) else []
-        lines.append(f'det_2gpu checkpoints: {summary["checkpoints"]}')
+        lines.append(f'det_multi checkpoints: {summary["checkpoints"]}')
         summary['efficiency'] = {}
         for task in ('det', 'cls'):
-            if f'{task}_1gpu' in trains and f'{task}_2gpu' in trains:
+            if f'{task}_1gpu' in trains and f'{task}_multi' in trains:
                 eff = scaling_efficiency(trains[f'{task}_1gpu'].images_per_s_per_gpu,
-                                         trains[f'{task}_2gpu'].images_per_s_per_gpu)
+                                         trains[f'{task}_multi'].images_per_s_per_gpu)
                 summary['efficiency'][task] = eff
-                lines.append(f'{task} scaling efficiency 2 GPUs vs 1: {100 * eff:.1f}%')
+                lines.append(f'{task} scaling efficiency {s.gpus} GPUs vs 1: {100 * eff:.1f}%')
         summary['tests'] = {}
         for task in ('det', 'seg'):
             metrics = {}
-            for gpus in (1, 2):
-                logs = json_logs(self.work_dir(f'{task}_test_{gpus}gpu'))
+            for run in ('1gpu', 'multi'):
+                logs = json_logs(self.work_dir(f'{task}_test_{run}'))
                 try:
-                    metrics[gpus] = final_metrics(read_json_log(logs[-1]))
+                    metrics[run] = final_metrics(read_json_log(logs[-1]))
                 except (IndexError, ValueError):
                     pass
             if len(metrics) == 2:
-                diff = compare_metrics(metrics[1], metrics[2])
-                summary['tests'][task] = dict(one_gpu=metrics[1], two_gpus=metrics[2],
+                diff = compare_metrics(metrics['1gpu'], metrics['multi'])
+                summary['tests'][task] = dict(one_gpu=metrics['1gpu'], multi_gpu=metrics['multi'],
                                               agree=metrics_agree(diff))
-                lines.append(f'{task} test metrics, 1 GPU: {metrics[1]}')
-                lines.append(f'{task} test metrics, 2 GPUs: {metrics[2]}')
-                lines.append(f'{task} 1 vs 2 GPUs agree: {metrics_agree(diff)}')
-        sync_bn = _dumped_config_mentions(self.work_dir('seg_2gpu'), "type='SyncBN'")
+                lines.append(f'{task} test metrics, 1 GPU: {metrics["1gpu"]}')
+                lines.append(f'{task} test metrics, {s.gpus} GPUs: {metrics["multi"]}')
+                lines.append(f'{task} 1 vs {s.gpus} GPUs agree: {metrics_agree(diff)}')
+        sync_bn = _dumped_config_mentions(self.work_dir('seg_multi'), "type='SyncBN'")
         summary['seg_sync_bn'] = sync_bn
-        lines.append(f'seg_2gpu config uses SyncBN: {sync_bn}')
+        lines.append(f'seg_multi config uses SyncBN: {sync_bn}')
         text = '\n'.join(lines)
         with open(osp.join(self.out, 'summary.txt'), 'w') as f:
             f.write(text + '\n')
