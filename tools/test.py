@@ -12,7 +12,7 @@ import os
 from mmengine.config import DictAction
 
 from mmgroupmamba.engine.runner import (build_runner, check_checkpoint_fits, configure_test,
-                                        load_config)
+                                        end_cpu_distributed_process, load_config)
 
 
 def parse_args():
@@ -55,6 +55,7 @@ def main():
     except ValueError as error:
         raise SystemExit(f'error: {error}')
     runner.test()
+    end_cpu_distributed_process()
 
 
 if __name__ == '__main__':

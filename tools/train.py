@@ -10,7 +10,8 @@ import os
 
 from mmengine.config import DictAction
 
-from mmgroupmamba.engine.runner import build_runner, configure_train, load_config
+from mmgroupmamba.engine.runner import (build_runner, configure_train,
+                                        end_cpu_distributed_process, load_config)
 
 
 def parse_args():
@@ -45,6 +46,7 @@ def main():
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     build_runner(cfg).train()
+    end_cpu_distributed_process()
 
 
 if __name__ == '__main__':

@@ -8,8 +8,11 @@ option needs) is checked before the Runner is built, so a bad invocation writes 
 """
 import datetime
 import importlib
+import logging
+import os
 import os.path as osp
 import re
+import sys
 
 import torch
 import torch.distributed as dist
@@ -21,7 +24,7 @@ from mmengine.runner import Runner
 from .checkpoint import load_checkpoint_file
 
 __all__ = ['SCOPES', 'load_config', 'configure_train', 'configure_test', 'build_runner',
-           'check_checkpoint_fits']
+           'check_checkpoint_fits', 'end_cpu_distributed_process']
 
 # default_scope -> module whose import registers that scope's modules.
 SCOPES = {
@@ -235,6 +238,25 @@ def _dump_predictions(cfg, scope, out):
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
     dump = 'DumpDetResults' if scope == 'mmdet' else 'DumpResults'
     cfg.test_evaluator = metrics + [dict(type=dump, out_file_path=out)]
+
+
+def end_cpu_distributed_process():
+    """End a finished process of a CPU (gloo) distributed run without interpreter shutdown.
+
+    gloo's worker threads may still drop their last references to tensors after the final
+    collective; if that happens while Python finalises, the thread is torn down inside C++ and
+    the process aborts ("terminate called without an active exception", exit -6), turning a
+    completed run into a failed one (more often on a loaded machine; a known PyTorch problem).
+    Once every rank has passed a barrier, nothing is left to do but flush the logs, so the
+    process exits at once. Does nothing outside a gloo process group.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != 'gloo':
+        return
+    dist.barrier()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _prepare_cpu_distributed(cfg):
