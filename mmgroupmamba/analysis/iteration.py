@@ -1,5 +1,7 @@
 """One training iteration of a detection or segmentation config on synthetic data, timed."""
+import os.path as osp
 import statistics
+import tempfile
 import time
 from typing import Dict, Optional, Tuple
 
@@ -38,11 +40,23 @@ def _num_classes(model_cfg) -> int:
     raise ValueError('cannot find the number of classes in the model config')
 
 
+def _load_config(config: str) -> Config:
+    """A config file, or a packaged one named ``mmdet::...`` / ``mmseg::...`` (which mmengine
+    resolves only inside ``_base_``)."""
+    if '::' not in config:
+        return Config.fromfile(config)
+    with tempfile.TemporaryDirectory() as folder:
+        wrapper = osp.join(folder, 'packaged.py')
+        with open(wrapper, 'w') as f:
+            f.write(f'_base_ = [{config!r}]\n')
+        return Config.fromfile(wrapper)
+
+
 def measure_train_iteration(config: str, shape: Tuple[int, int], batch_size: int, amp: bool = False,
                             warmup: int = 3, steps: int = 10,
                             device: Optional[str] = None) -> Dict[str, Optional[float]]:
     """Median seconds per ``train_step`` and peak GPU memory (GiB) of ``config``'s model."""
-    cfg = Config.fromfile(config)
+    cfg = _load_config(config)
     scope = cfg.get('default_scope', 'mmdet')
     init_default_scope(scope)
     if scope == 'mmdet':
