@@ -54,9 +54,13 @@ def _load_config(config: str) -> Config:
 
 def measure_train_iteration(config: str, shape: Tuple[int, int], batch_size: int, amp: bool = False,
                             warmup: int = 3, steps: int = 10,
-                            device: Optional[str] = None) -> Dict[str, Optional[float]]:
-    """Median seconds per ``train_step`` and peak GPU memory (GiB) of ``config``'s model."""
+                            device: Optional[str] = None,
+                            cfg_options: Optional[dict] = None) -> Dict[str, Optional[float]]:
+    """Median seconds per ``train_step`` and peak GPU memory (GiB) of ``config``'s model
+    (``cfg_options`` merged into the config first)."""
     cfg = _load_config(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
     scope = cfg.get('default_scope', 'mmdet')
     init_default_scope(scope)
     if scope == 'mmdet':

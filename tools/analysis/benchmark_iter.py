@@ -11,6 +11,8 @@ are not loaded (the weights do not change the time). SyncBN becomes BN on one pr
 """
 import argparse
 
+from mmengine.config import DictAction
+
 from mmgroupmamba.analysis.iteration import measure_train_iteration
 
 
@@ -23,13 +25,16 @@ def main():
     parser.add_argument('--amp', action='store_true', help='also time under AMP (fp16 autocast)')
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--device', default=None)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                        help='overrides applied to every config, e.g. model.backbone.with_cp=True')
     args = parser.parse_args()
 
     rows = []
     for config in args.configs:
         for amp in ([False, True] if args.amp else [False]):
             result = measure_train_iteration(config, tuple(args.shape), args.batch_size,
-                                             amp=amp, steps=args.steps, device=args.device)
+                                             amp=amp, steps=args.steps, device=args.device,
+                                             cfg_options=args.cfg_options)
             rows.append((config, 'amp' if amp else 'fp32', result))
             print(f'{config} [{rows[-1][1]}]: {result}', flush=True)
     print(f'\nbatch {args.batch_size}, {args.shape[0]}x{args.shape[1]}')
