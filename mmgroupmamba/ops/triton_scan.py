@@ -7,7 +7,7 @@ General ``N``: one program owns ``BLOCK_D`` channels of one channel group of one
 sequence in chunks of ``BLOCK_L`` scan steps: inside a chunk the recurrence
 ``h_t = a_t h_{t-1} + b_t`` is a ``tl.associative_scan`` over affine maps, between chunks the state
 is carried in registers. Every input is read once and ``y`` written once, in the token storage
-order: a scan direction is only index arithmetic on the loads (:func:`_token_index`, mirroring
+order: a scan direction is only index arithmetic on the loads (:func:`token_index`, mirroring
 ``_directions.token_index``), and all groups of a call, whatever their directions, share one launch.
 
 Forward also stores the state at the start of every chunk (``saved``, ``(batch, dim, chunks, N)``
@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import triton_scan_n1
+from .triton_common import affine_combine, effective_delta, or_dummy, token_index
 
 # Elements (channels x states x steps) of one program's tile, per kernel: enough independent loads
 # in flight to stream at memory speed, few enough registers for backward's dozen live tiles.
@@ -62,7 +63,7 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, s
     y = _empty(u.shape, out_dtype, u.device)
     states = _empty((batch, dim, tile.chunks, N), torch.float32, u.device)
     _scan_fwd_kernel[(tile.programs, )](
-        u, delta, A, B, C, _or_dummy(D, u), _or_dummy(delta_bias, u), _direction_tensor(directions, u),
+        u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u), _direction_tensor(directions, u),
         y, states, L, H, W, dim, groups, dim // groups, N, tile.d_blocks,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=_row_major(directions), VEC=4 if L % 4 == 0 else 1, BLOCK_D=tile.block_d,
@@ -103,7 +104,7 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
     dD_part = _empty((batch, dim), torch.float32, u.device)
     dbias_part = _empty((batch, dim), torch.float32, u.device)
     _scan_bwd_kernel[(tile.programs, )](
-        u, delta, A, B, C, _or_dummy(D, u), _or_dummy(delta_bias, u), _direction_tensor(directions, u),
+        u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u), _direction_tensor(directions, u),
         dy, states, du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part,
         L, H, W, dim, groups, dim // groups, N, tile.d_blocks, tile.chunks,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
@@ -176,39 +177,6 @@ def _direction_tensor(directions, like: torch.Tensor) -> torch.Tensor:
     return triton_scan_n1.direction_tensor(tuple(directions), like.device)
 
 
-def _or_dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    # Absent D / delta_bias: the kernel never reads the pointer (HAS_D / HAS_BIAS are False).
-    return like if t is None else t.contiguous()
-
-
-@triton.jit
-def _affine_combine(a_left, b_left, a_right, b_right):
-    # Composition of h -> a h + b maps, left applied first; a reverse scan feeds the later
-    # steps' composite as the left operand, so the same rule serves both directions.
-    return a_left * a_right, a_right * b_left + b_right
-
-
-@triton.jit
-def _token_index(t, L, H, W, direction, ROW_MAJOR: tl.constexpr):
-    """Row-major storage index of the token visited at scan step ``t`` (see _directions.py)."""
-    if ROW_MAJOR:
-        return t
-    step = tl.where(direction >= 2, L - 1 - t, t)
-    return tl.where(direction % 2 == 1, (step % H) * W + step // H, step)
-
-
-@triton.jit
-def _effective_delta(raw, bias, SOFTPLUS: tl.constexpr):
-    x = raw + bias
-    if SOFTPLUS:
-        # softplus(x) = max(x, 0) + log1p(exp(-|x|)), with log1p's small-argument series so that
-        # very negative x keeps its tiny value instead of rounding to zero.
-        z = tl.exp(-tl.abs(x))
-        log1p = tl.where(z < 1e-4, z - 0.5 * z * z, tl.log(1.0 + z))
-        x = tl.maximum(x, 0.0) + log1p
-    return x
-
-
 @triton.jit
 def _program_coords(dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, bias_ptr,
                     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -259,11 +227,11 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir
         tl.store(state_ptr + state_rows + chunk * N, h, mask=dn_mask)
         t = chunk * BLOCK_L + lane
         t_mask = t < L
-        s = _token_index(t, L, H, W, direction, ROW_MAJOR)
+        s = token_index(t, L, H, W, direction, ROW_MAJOR)
         mask = d_mask[:, None] & t_mask[None, :]
         offs = row[:, None] + s[None, :]
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        delta = _effective_delta(tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32),
+        delta = effective_delta(tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32),
                                  bias[:, None], SOFTPLUS)
         # delta = 0 makes padding steps the identity map (a = 1, b = 0): the carry passes intact.
         delta = tl.where(mask, delta, 0.0)
@@ -273,7 +241,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir
         Ct = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)
         a = tl.exp(delta[:, None, :] * A[:, :, None])
         bu = (delta * u)[:, None, :] * Bt[None, :, :]
-        a_cum, b_cum = tl.associative_scan((a, bu), axis=2, combine_fn=_affine_combine)
+        a_cum, b_cum = tl.associative_scan((a, bu), axis=2, combine_fn=affine_combine)
         hs = a_cum * h[:, :, None] + b_cum
         y = tl.sum(hs * Ct[None, :, :], axis=1) + D[:, None] * u
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -309,11 +277,11 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir
         t = chunk * BLOCK_L + lane
         t_mask = t < L
         mask = d_mask[:, None] & t_mask[None, :]
-        s = _token_index(t, L, H, W, direction, ROW_MAJOR)
+        s = token_index(t, L, H, W, direction, ROW_MAJOR)
         offs = row[:, None] + s[None, :]
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        delta = tl.where(mask, _effective_delta(raw, bias[:, None], SOFTPLUS), 0.0)
+        delta = tl.where(mask, effective_delta(raw, bias[:, None], SOFTPLUS), 0.0)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         bc_offs = bc_row[:, None] + s[None, :]
         bc_mask = n_mask[:, None] & t_mask[None, :]
@@ -323,7 +291,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir
         # States of this chunk, recomputed from the state forward saved at its start.
         a = tl.exp(delta[:, None, :] * A[:, :, None])
         bu = (delta * u)[:, None, :] * Bt[None, :, :]
-        a_cum, b_cum = tl.associative_scan((a, bu), axis=2, combine_fn=_affine_combine)
+        a_cum, b_cum = tl.associative_scan((a, bu), axis=2, combine_fn=affine_combine)
         h0 = tl.load(state_ptr + state_rows + chunk * N, mask=dn_mask, other=0.0)
         h = a_cum * h0[:, :, None] + b_cum
 
@@ -331,12 +299,12 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir
         # delta is re-read (a cache hit) rather than shifted across lanes. a_L = 0 ends the chain.
         t1 = t + 1
         mask1 = d_mask[:, None] & (t1 < L)[None, :]
-        s1 = _token_index(t1, L, H, W, direction, ROW_MAJOR)
+        s1 = token_index(t1, L, H, W, direction, ROW_MAJOR)
         raw1 = tl.load(delta_ptr + row[:, None] + s1[None, :], mask=mask1, other=0.0)
-        delta1 = _effective_delta(raw1.to(tl.float32), bias[:, None], SOFTPLUS)
+        delta1 = effective_delta(raw1.to(tl.float32), bias[:, None], SOFTPLUS)
         a1 = tl.where(mask1[:, None, :], tl.exp(delta1[:, None, :] * A[:, :, None]), 0.0)
         p_cum, q_cum = tl.associative_scan((a1, Ct[None, :, :] * dy[:, None, :]), axis=2,
-                                           combine_fn=_affine_combine, reverse=True)
+                                           combine_fn=affine_combine, reverse=True)
         adj = p_cum * g_next[:, :, None] + q_cum
         g_next = tl.sum(tl.where(lane[None, None, :] == 0, adj, 0.0), axis=2)
 

@@ -20,11 +20,13 @@ Launch geometry comes from a small table keyed by coarse shape buckets (powers o
 changing image sizes of detection reuse a handful of compiled kernels.
 """
 import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .triton_common import affine_combine, effective_delta, or_dummy, token_index
 
 # Picked by a sweep on an H100 over the GroupMamba stage shapes (docs/benchmarks.md): tiles of
 # 1024 channels x steps, 4 warps, chunks up to 512 steps; long sequences run backward in chunks of
@@ -84,7 +86,7 @@ def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatia
     y = empty(u.shape, dtype=out_dtype, device=u.device)
     states = empty((batch * dim, n_chunks), dtype=torch.float32, device=u.device)
     _fwd_kernel[(batch * groups * d_blocks, )](
-        u, delta, A, B, C, _or_dummy(D, u), _or_dummy(delta_bias, u),
+        u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u),
         direction_tensor(directions, u.device), y, states,
         L, H, W, n_chunks, dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
@@ -123,7 +125,7 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
     else:
         dBC = empty(bc_shape, dtype=B.dtype, device=u.device)
     _bwd_kernel[(batch * groups * d_blocks, )](
-        u, delta, A, B, C, _or_dummy(D, u), _or_dummy(delta_bias, u),
+        u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u),
         direction_tensor(directions, u.device), dy, states,
         du, ddelta, param_grads, dBC, L, H, W, n_chunks, states.shape[1], cfg.block_t // fwd_block_t,
         dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
@@ -161,39 +163,6 @@ def direction_tensor(directions: Tuple[int, ...], device: torch.device) -> torch
     """``directions`` as an int32 device tensor, made once: a host-to-device copy per call costs
     more than a small scan."""
     return torch.tensor(directions, dtype=torch.int32, device=device)
-
-
-def _or_dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    # Absent D / delta_bias: the kernel never reads the pointer (HAS_D / HAS_BIAS are False).
-    return like if t is None else t.contiguous()
-
-
-@triton.jit
-def _affine_combine(a_left, b_left, a_right, b_right):
-    # Composition of h -> a h + b maps, left applied first; a reverse scan feeds the later
-    # steps' composite as the left operand, so the same rule serves both directions.
-    return a_left * a_right, a_right * b_left + b_right
-
-
-@triton.jit
-def _token_index(t, L, H, W, direction, ROW_MAJOR: tl.constexpr):
-    """Row-major storage index of the token visited at scan step ``t`` (see _directions.py)."""
-    if ROW_MAJOR:
-        return t
-    step = tl.where(direction >= 2, L - 1 - t, t)
-    return tl.where(direction % 2 == 1, (step % H) * W + step // H, step)
-
-
-@triton.jit
-def _effective_delta(raw, bias, SOFTPLUS: tl.constexpr):
-    x = raw + bias
-    if SOFTPLUS:
-        # softplus(x) = max(x, 0) + log1p(exp(-|x|)), with log1p's small-argument series so that
-        # very negative x keeps its tiny value instead of rounding to zero.
-        z = tl.exp(-tl.abs(x))
-        log1p = tl.where(z < 1e-4, z - 0.5 * z * z, tl.log(1.0 + z))
-        x = tl.maximum(x, 0.0) + log1p
-    return x
 
 
 @triton.jit
@@ -249,13 +218,13 @@ def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_ptr,
             direction, ROW_MAJOR, BLOCK_T)
         tl.store(state_ptr + rows * n_chunks + chunk, h, mask=d_mask)
         t = chunk * BLOCK_T + lane
-        s = _token_index(t, L, H, W, direction, ROW_MAJOR)
+        s = token_index(t, L, H, W, direction, ROW_MAJOR)
         mask = d_mask[:, None] & (t < L)[None, :]
         # delta = 0 makes padding steps the identity map (a = 1, b = 0): the carry passes intact.
-        delta = tl.where(mask, _effective_delta(raw, bias[:, None], SOFTPLUS), 0.0)
+        delta = tl.where(mask, effective_delta(raw, bias[:, None], SOFTPLUS), 0.0)
         a = tl.exp(delta * A[:, None])
         bu = delta * u * Bt
-        a_cum, b_cum = tl.associative_scan((a, bu), axis=1, combine_fn=_affine_combine)
+        a_cum, b_cum = tl.associative_scan((a, bu), axis=1, combine_fn=affine_combine)
         hs = a_cum * h[:, None] + b_cum
         y = hs * Ct + D[:, None] * u
         tl.store(y_ptr + row[:, None] + s[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -274,13 +243,13 @@ def _load_bwd_chunk(u_ptr, delta_ptr, dy_ptr, B_ptr, C_ptr, row, bc_row, d_mask,
     t = chunk * BLOCK_T + lane
     t_mask = (t >= 0) & (t < L)
     mask = d_mask[:, None] & t_mask[None, :]
-    s = _token_index(t, L, H, W, direction, ROW_MAJOR)
+    s = token_index(t, L, H, W, direction, ROW_MAJOR)
     dy = tl.load(dy_ptr + row[:, None] + s[None, :], mask=mask, other=0.0).to(tl.float32)
     # Adjoint g_t = a_{t+1} g_{t+1} + C_t dy_t needs the decay of the following step: delta
     # one step on is a second load of the same lines (a cache hit); a_L = 0 ends the chain.
     t1 = t + 1
     mask1 = d_mask[:, None] & ((t1 >= 0) & (t1 < L))[None, :]
-    s1 = _token_index(t1, L, H, W, direction, ROW_MAJOR)
+    s1 = token_index(t1, L, H, W, direction, ROW_MAJOR)
     raw1 = tl.load(delta_ptr + row[:, None] + s1[None, :], mask=mask1, other=0.0).to(tl.float32)
     return u, raw, dy, Bt, Ct, raw1
 
@@ -291,7 +260,7 @@ def _load_fwd_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, c
     """u, raw delta ``[BLOCK_D, BLOCK_T]`` and B, C ``[1, BLOCK_T]`` of one chunk, zero past ``L``."""
     t = chunk * BLOCK_T + lane
     t_mask = (t >= 0) & (t < L)
-    s = _token_index(t, L, H, W, direction, ROW_MAJOR)
+    s = token_index(t, L, H, W, direction, ROW_MAJOR)
     mask = d_mask[:, None] & t_mask[None, :]
     offs = row[:, None] + s[None, :]
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -339,23 +308,23 @@ def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_ptr,
             H, W, direction, ROW_MAJOR, BLOCK_T)
         t = chunk * BLOCK_T + lane
         t_mask = t < L
-        s = _token_index(t, L, H, W, direction, ROW_MAJOR)
+        s = token_index(t, L, H, W, direction, ROW_MAJOR)
         mask = d_mask[:, None] & t_mask[None, :]
         offs = row[:, None] + s[None, :]
         mask1 = d_mask[:, None] & (t + 1 < L)[None, :]
 
         # States of this chunk, recomputed from the state forward saved at its start.
-        delta = tl.where(mask, _effective_delta(raw, bias[:, None], SOFTPLUS), 0.0)
+        delta = tl.where(mask, effective_delta(raw, bias[:, None], SOFTPLUS), 0.0)
         a = tl.exp(delta * A[:, None])
         bu = delta * u * Bt
-        a_cum, b_cum = tl.associative_scan((a, bu), axis=1, combine_fn=_affine_combine)
+        a_cum, b_cum = tl.associative_scan((a, bu), axis=1, combine_fn=affine_combine)
         h0 = tl.load(state_ptr + rows * state_chunks + chunk * state_step, mask=d_mask, other=0.0)
         h = a_cum * h0[:, None] + b_cum
 
-        delta1 = _effective_delta(raw1, bias[:, None], SOFTPLUS)
+        delta1 = effective_delta(raw1, bias[:, None], SOFTPLUS)
         a1 = tl.where(mask1, tl.exp(delta1 * A[:, None]), 0.0)
         p_cum, q_cum = tl.associative_scan((a1, Ct * dy), axis=1,
-                                           combine_fn=_affine_combine, reverse=True)
+                                           combine_fn=affine_combine, reverse=True)
         adj = p_cum * g_next[:, None] + q_cum
         g_next = tl.sum(tl.where(lane[None, :] == 0, adj, 0.0), axis=1)
 
