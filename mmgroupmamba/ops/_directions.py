@@ -31,6 +31,7 @@ def token_index(direction: int, t, H: int, W: int):
     return t
 
 
+@functools.lru_cache(maxsize=64)
 def scan_permutation(directions: Tuple[int, ...], H: int, W: int,
                      device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gather indices into scan order and back, one row per channel group.
@@ -39,19 +40,8 @@ def scan_permutation(directions: Tuple[int, ...], H: int, W: int,
         ``(order, inverse)``, both ``(groups, L)`` int64 on ``device``:
         ``x_scan = x.gather(-1, order)`` and ``x = x_scan.gather(-1, inverse)``.
     """
-    if torch.jit.is_tracing():
-        # Tensors made while tracing belong to that trace's graph; a later trace that found
-        # them in the cache would fail, so they are never cached.
-        return _permutation(directions, H, W, device)
-    return _cached_permutation(directions, H, W, device)
-
-
-def _permutation(directions, H, W, device):
     steps = torch.arange(H * W, device=device)
     order = torch.stack([token_index(d, steps, H, W) for d in directions])
     inverse = torch.empty_like(order)
     inverse.scatter_(-1, order, steps.expand_as(order))
     return order, inverse
-
-
-_cached_permutation = functools.lru_cache(maxsize=64)(_permutation)
