@@ -32,7 +32,7 @@ if ! "$venv/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
 fi
 say "mmengine, mmdet, mmsegmentation, test tools"
 pip install -q mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 pycocotools ftfy regex \
-  pytest pytest-timeout
+  pytest
 say "mmgroupmamba (editable)"
 pip install -q --no-build-isolation --no-deps -e "$root"
 echo "$want" > "$stamp"
