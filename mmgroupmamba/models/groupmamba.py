@@ -157,7 +157,7 @@ class GroupedSS2D(nn.Module):
         tokens = x.reshape(B, L, C).transpose(1, 2)
         u = _shared_bmm(_block_diag(self.in_proj_weight[:, :d]), tokens)
         z = _shared_bmm(_block_diag(self.in_proj_weight[:, d:]), tokens)
-        u = F.silu(self.conv(u.view(B, C, H, W))).view(B, G, d, L)
+        u = F.silu(_depthwise_conv(self.conv, u.view(B, C, H, W), channel_dim=1)).view(B, G, d, L)
         x_dbl = torch.matmul(self.x_proj_weight, u)  # (B, G, R + 2N, L)
         dt = torch.matmul(self.dt_proj_weight, x_dbl[:, :, :R])  # (B, G, d, L)
         # B and C are strided views of x_dbl, which the scan takes without a copy.
@@ -169,6 +169,38 @@ class GroupedSS2D(nn.Module):
         out = torch.bmm(y.view(B, C, L).transpose(1, 2),
                         _block_diag(self.out_proj_weight).t().expand(B, C, C))
         return out.view(B, H, W, C)
+
+
+def _depthwise_conv(conv: nn.Conv2d, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Stride-1 'same' depthwise convolution of ``x`` whose channels lie along ``channel_dim``
+    (1: (B, C, H, W); 3: (B, H, W, C)), same result as ``conv``.
+
+    Eager mode calls cuDNN. Under ``torch.compile`` it is written as k * k shifted
+    multiply-adds, which Inductor fuses with the neighbouring pointwise work (bias, activation)
+    into one kernel, and whose backward it fuses likewise; cuDNN's depthwise kernels are slow on
+    channels-last low-precision maps, backward especially.
+    """
+    if not torch.compiler.is_compiling():
+        if channel_dim == 1:
+            return conv(x)
+        return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    k = conv.kernel_size[0]
+    p = k // 2
+    h_dim, w_dim = (2, 3) if channel_dim == 1 else (1, 2)
+    H, W = x.shape[h_dim], x.shape[w_dim]
+    pad = (p, p, p, p) if channel_dim == 1 else (0, 0, p, p, p, p)
+    x = F.pad(x, pad)
+    weight = conv.weight.view(-1, k, k)
+    if channel_dim == 1:
+        weight = weight[..., None, None]  # (C, k, k, 1, 1): broadcasts over (H, W)
+    out = None
+    for i in range(k):
+        for j in range(k):
+            tap = x.narrow(h_dim, i, H).narrow(w_dim, j, W) * weight[:, i, j]
+            out = tap if out is None else out + tap
+    bias = conv.bias if channel_dim == 3 else conv.bias[:, None, None]
+    # Float32 weights promote the sum; the result keeps x's dtype, as cuDNN's would.
+    return (out + bias).to(x.dtype)
 
 
 def _block_diag(weight: torch.Tensor) -> torch.Tensor:
@@ -183,10 +215,8 @@ def _shared_bmm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
 
 
-@torch.compiler.disable
 def _scan(u, delta, A, B, C, D, delta_bias, spatial_shape):
-    """The selective scan with softplus and the four groups' directions. Kept out of compiled
-    graphs: it is an autograd Function launching its own Triton kernels."""
+    """The selective scan with softplus and the four groups' directions."""
     return selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True,
                           spatial_shape=spatial_shape, directions=SCAN_DIRECTIONS)
 
@@ -252,42 +282,37 @@ class FFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
         if self.dwconv is not None:
-            x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            x = _depthwise_conv(self.dwconv, x, channel_dim=3)
         return self.fc2(F.gelu(x))
 
 
 class GroupMambaBlock(nn.Module):
     """x + DropPath(GroupMambaLayer(x)); x + DropPath(FFN(LN(x))) on (B, H, W, C) tokens."""
 
-    def __init__(self, embed_dims: int, mlp_ratio: float, drop_path: float = 0.,
-                 torch_compile: bool = False):
+    def __init__(self, embed_dims: int, mlp_ratio: float, drop_path: float = 0.):
         super().__init__()
         self.mixer = GroupMambaLayer(embed_dims)
         self.norm = nn.LayerNorm(embed_dims, eps=_NORM_EPS)
         self.ffn = FFN(embed_dims, int(embed_dims * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.torch_compile = torch_compile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.torch_compile and x.is_cuda:
-            return _compiled_block_forward()(self, x)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(x))
         return x + self.drop_path(self.ffn(self.norm(x)))
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_block_forward():
-    """``GroupMambaBlock._forward`` through ``torch.compile``, built on first use: the pointwise
-    work around the matmuls, convolutions and scan fuses into a few kernels, and backward
-    recomputes it instead of storing its intermediates. The scan is a graph break (``_scan``).
-    One code object serves every block: each stage width, mode (train/eval) and autocast dtype
-    is a cache entry, and changing image sizes turn into one dynamic-shape entry."""
+def _compiled(fn):
+    """``fn`` through ``torch.compile``, built on first use. The whole backbone is one graph (the
+    scans included, as custom operators): the pointwise work around the matmuls, convolutions
+    and scans fuses into few kernels, and backward recomputes it instead of storing its
+    intermediates. Each mode (train/eval), autocast dtype and caller is a cache entry, and
+    changing image sizes turn into one dynamic-shape entry. (Compiling each stage on its own
+    would make the stages' different sizes look like one changing, dynamic shape.)"""
     limit = 64
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    return torch.compile(GroupMambaBlock._forward)
+    # Inductor's coalescing analysis trips an internal assertion on the stage graphs (torch 2.11).
+    return torch.compile(fn, options={'triton.coalesce_tiling_analysis': False})
 
 
 class ClassBlock(nn.Module):
@@ -353,12 +378,11 @@ class GroupMambaStage(nn.Module):
     before ``self.norm`` (the caller applies it: the classifier needs the last stage without)."""
 
     def __init__(self, in_channels: Optional[int], embed_dims: int, mlp_ratio: float,
-                 drop_path_rates: Sequence[float], with_cp: bool = False,
-                 torch_compile: bool = False):
+                 drop_path_rates: Sequence[float], with_cp: bool = False):
         super().__init__()
         self.downsample = Downsample(in_channels, embed_dims) if in_channels else None
         self.blocks = nn.ModuleList(
-            GroupMambaBlock(embed_dims, mlp_ratio, rate, torch_compile) for rate in drop_path_rates)
+            GroupMambaBlock(embed_dims, mlp_ratio, rate) for rate in drop_path_rates)
         self.norm = nn.LayerNorm(embed_dims, eps=_NORM_EPS)
         self.with_cp = with_cp
 
@@ -388,7 +412,7 @@ class GroupMamba(BaseModule):
         frozen_stages (int): -1 freezes nothing, 0 the stem, k the stem and stages 0..k-1.
         norm_eval (bool): keep the stem's BatchNorms in eval mode while training.
         with_cp (bool): gradient checkpointing per block.
-        torch_compile (bool): run the blocks through ``torch.compile`` on CUDA (faster and
+        torch_compile (bool): run the backbone as one ``torch.compile`` graph on CUDA (faster and
             leaner training and inference; the first steps compile, a minute or so). CPU inputs
             always run eagerly.
         drop_path_rate (float): stochastic depth, linearly increasing over all blocks.
@@ -419,6 +443,7 @@ class GroupMamba(BaseModule):
         self.in_channels = in_channels
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        self.torch_compile = torch_compile
 
         self.stem = Stem(in_channels, settings['stem_channels'], self.embed_dims[0])
         rates = torch.linspace(0, drop_path_rate, sum(self.depths), device='cpu').tolist()
@@ -427,7 +452,7 @@ class GroupMamba(BaseModule):
             first = sum(self.depths[:i])
             self.stages.append(GroupMambaStage(
                 self.embed_dims[i - 1] if i else None, dims, self.mlp_ratios[i],
-                rates[first:first + depth], with_cp, torch_compile))
+                rates[first:first + depth], with_cp))
         self.apply(_init_weights)
         self._freeze_stages()
 
@@ -439,21 +464,31 @@ class GroupMamba(BaseModule):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """x: (B, in_channels, H, W) -> maps (B, embed_dims[i], ~H/2^(i+2), ~W/2^(i+2))."""
         self._check_input(x)
-        x = self.stem(x)
-        outs = []
-        for i, stage in enumerate(self.stages[:max(self.out_indices, default=-1) + 1]):
-            x = stage.norm(stage(x))
-            if i in self.out_indices:
-                outs.append(x.permute(0, 3, 1, 2).contiguous())
-        return tuple(outs)
+        tokens = self._run_features(x, max(self.out_indices, default=-1) + 1, True)
+        return tuple(tokens[i].permute(0, 3, 1, 2).contiguous() for i in self.out_indices)
 
     def forward_last_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_channels, H, W) -> the last stage's tokens before its norm, (B, h, w, C)."""
         self._check_input(x)
+        return self._run_features(x, len(self.stages), False)[-1]
+
+    def _run_features(self, x: torch.Tensor, num_stages: int,
+                      norm_last: bool) -> List[torch.Tensor]:
+        if self.torch_compile and x.is_cuda:
+            return _compiled(GroupMamba._features)(self, x, num_stages, norm_last)
+        return self._features(x, num_stages, norm_last)
+
+    def _features(self, x: torch.Tensor, num_stages: int, norm_last: bool) -> List[torch.Tensor]:
+        """Stem and the first ``num_stages`` stages: each stage's (B, h, w, C) tokens after its
+        norm (the last one's only if ``norm_last``)."""
         x = self.stem(x)
-        for stage in self.stages[:-1]:
-            x = stage.norm(stage(x))
-        return self.stages[-1](x)
+        outs = []
+        for i, stage in enumerate(self.stages[:num_stages]):
+            x = stage(x)
+            if norm_last or i < num_stages - 1:
+                x = stage.norm(x)
+            outs.append(x)
+        return outs
 
     def _frozen_modules(self) -> List[nn.Module]:
         if self.frozen_stages < 0:

@@ -11,29 +11,32 @@ direction ``directions[g]`` over the ``H x W`` tokens (see :mod:`._directions`).
 
 Backend contract
 ----------------
-:class:`_SelectiveScanFn` dispatches on ``u.device``: CUDA tensors go to
-``mmgroupmamba.ops.triton_scan`` when both ``triton`` and that module import (otherwise, and for
-every other device, to :mod:`mmgroupmamba.ops.torch_scan`). Each backend module exposes::
+The op dispatches on ``u.device``: CUDA tensors go to ``mmgroupmamba.ops.triton_scan`` when both
+``triton`` and that module import (otherwise, and for every other device, to
+:mod:`mmgroupmamba.ops.torch_scan`). It is registered as two custom operators
+(``torch.ops.mmgroupmamba.selective_scan_fwd``/``_bwd``) with autograd and shape functions, so
+``torch.compile`` traces through it. Each backend module exposes::
 
     scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
                  out_dtype) -> (y, saved)
     scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
                   dy, saved) -> (du, ddelta, dA, dB, dC, dD, ddelta_bias)
+    saved_shapes(batch, dim, groups, N, L) -> shapes of the ``saved`` tensors
 
 - ``u, delta, dy``: ``(batch, dim, L)``; ``A``: ``(dim, N)``; ``D, delta_bias``: ``(dim,)`` or None
   (then ``dD``/``ddelta_bias`` are None); ``B, C``: always 4-D ``(batch, groups, N, L)``, possibly
   a broadcast (stride-0) view along ``groups``; inputs keep the caller's dtypes.
 - ``directions``: tuple of ``groups`` ints indexing :data:`SCAN_DIRECTIONS`; ``spatial_shape``:
   ``(H, W)`` with ``H * W == L`` (``(1, L)`` when none was given).
-- ``y``: ``(batch, dim, L)`` in ``out_dtype``; ``saved``: tuple of tensors forward wants back in
-  backward (may be empty). Gradients are shaped like their inputs; any floating dtype is
-  accepted (the Function casts them to the inputs' dtypes).
+- ``y``: ``(batch, dim, L)`` in ``out_dtype``; ``saved``: tuple of contiguous float32 tensors
+  forward wants back in backward (may be empty), shaped as ``saved_shapes`` says (whose
+  arguments may be symbolic sizes under ``torch.compile``). Gradients are shaped like their
+  inputs, in any floating dtype (the op casts them to the inputs' dtypes).
 - Both are called with autocast disabled; low-precision inputs must accumulate in float32.
 """
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import torch_scan
 from ._directions import SCAN_DIRECTIONS
@@ -85,40 +88,95 @@ def selective_scan(u: torch.Tensor,
         B = B.unsqueeze(1).expand(-1, groups, -1, -1)
         C = C.unsqueeze(1).expand(-1, groups, -1, -1)
     out_dtype = u.dtype if out_dtype is None else out_dtype
-    return _SelectiveScanFn.apply(u, delta, A, B, C, D, delta_bias, bool(delta_softplus),
-                                  direction_ids, spatial_shape, out_dtype, _backend)
+    return _scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), list(direction_ids),
+                     list(spatial_shape), out_dtype, _backend or '')[0]
 
 
-class _SelectiveScanFn(torch.autograd.Function):
-    """Autograd wrapper: hand-written backward of whichever backend serves ``u.device``."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
-                out_dtype, backend_name):
-        backend = _backend_for(u.device, backend_name)
-        # Autocast must not lower the scan's arithmetic; the backends accumulate in float32.
-        with torch.autocast(u.device.type, enabled=False):
-            y, saved = backend.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus,
-                                            directions, spatial_shape, out_dtype)
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, *saved)
-        ctx.config = (backend, delta_softplus, directions, spatial_shape)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        u, delta, A, B, C, D, delta_bias, *saved = ctx.saved_tensors
-        backend, delta_softplus, directions, spatial_shape = ctx.config
-        with torch.autocast(u.device.type, enabled=False):
-            grads = backend.scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus,
-                                          directions, spatial_shape, dy, tuple(saved))
-        inputs = (u, delta, A, B, C, D, delta_bias)
-        grads = tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs))
-        return grads + (None,) * 5
+# The scan is a pair of custom operators (forward and backward) with registered autograd and
+# shape functions: ``torch.compile`` keeps it inside its graphs (no graph break), and eager mode
+# runs the same code. ``backend`` is '' (by device) or 'torch'.
+@torch.library.custom_op('mmgroupmamba::selective_scan_fwd', mutates_args=())
+def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              C: torch.Tensor, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+              delta_softplus: bool, directions: List[int], spatial_shape: List[int],
+              out_dtype: torch.dtype, backend: str) -> List[torch.Tensor]:
+    """Returns ``[y, *saved]``."""
+    impl = _backend_for(u.device, backend)
+    # Autocast must not lower the scan's arithmetic; the backends accumulate in float32.
+    with torch.autocast(u.device.type, enabled=False):
+        y, saved = impl.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus,
+                                     tuple(directions), tuple(spatial_shape), out_dtype)
+    return [y, *saved]
 
 
-def _backend_for(device: torch.device, backend_name: Optional[str]):
-    if device.type == 'cuda' and backend_name is None:
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape, out_dtype,
+      backend):
+    impl = _backend_for(u.device, backend)
+    batch, dim, L = u.shape
+    y = u.new_empty(u.shape, dtype=out_dtype)
+    saved = [u.new_empty(shape, dtype=torch.float32)
+             for shape in impl.saved_shapes(batch, dim, B.shape[1], A.shape[1], L)]
+    return [y, *saved]
+
+
+@torch.library.custom_op('mmgroupmamba::selective_scan_bwd', mutates_args=())
+def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              C: torch.Tensor, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+              delta_softplus: bool, directions: List[int], spatial_shape: List[int],
+              backend: str, dy: torch.Tensor, saved: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Returns ``[du, ddelta, dA, dB, dC, dD, ddelta_bias]`` in the inputs' dtypes; an absent
+    D or delta_bias gets an empty gradient."""
+    impl = _backend_for(u.device, backend)
+    with torch.autocast(u.device.type, enabled=False):
+        grads = impl.scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus,
+                                   tuple(directions), tuple(spatial_shape), dy, tuple(saved))
+    out, storages = [], set()
+    for grad, x in zip(grads, (u, delta, A, B, C, D, delta_bias)):
+        if x is None:
+            out.append(u.new_empty(0))
+            continue
+        grad = grad.to(x.dtype).contiguous()
+        # Backends may return several gradients as views of one buffer; operator outputs must
+        # not share storage.
+        if grad.numel() and grad.untyped_storage().data_ptr() in storages:
+            grad = grad.clone()
+        storages.add(grad.untyped_storage().data_ptr())
+        out.append(grad)
+    return out
+
+
+@_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape, backend, dy,
+      saved):
+    return [u.new_empty(0) if x is None else x.new_empty(x.shape)
+            for x in (u, delta, A, B, C, D, delta_bias)]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape, _, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, *output[1:])
+    ctx.config = (delta_softplus, directions, spatial_shape, backend)
+    ctx.has_optional = (D is not None, delta_bias is not None)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _scan_backward(ctx, grads):
+    u, delta, A, B, C, D, delta_bias, *saved = ctx.saved_tensors
+    delta_softplus, directions, spatial_shape, backend = ctx.config
+    du, ddelta, dA, dB, dC, dD, dbias = _scan_bwd(u, delta, A, B, C, D, delta_bias,
+                                                   delta_softplus, directions, spatial_shape,
+                                                   backend, grads[0], saved)
+    has_d, has_bias = ctx.has_optional
+    return (du, ddelta, dA, dB, dC, dD if has_d else None, dbias if has_bias else None,
+            None, None, None, None, None)
+
+
+_scan_fwd.register_autograd(_scan_backward, setup_context=_setup_context)
+
+
+def _backend_for(device: torch.device, backend_name: str):
+    if device.type == 'cuda' and not backend_name:
         try:
             import triton  # noqa: F401
 

@@ -36,6 +36,11 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, s
     return y.to(out_dtype), ()
 
 
+def saved_shapes(batch, dim, groups, N, L):
+    """Nothing is saved: backward recomputes the states."""
+    return ()
+
+
 def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
                   dy, saved):
     """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)`` in the compute dtype.

@@ -71,6 +71,14 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, s
     return y, (states, )
 
 
+def saved_shapes(batch, dim, groups, N, L):
+    """Shape of ``states``, written so that symbolic sizes pass through (see ``_Tile``)."""
+    if N == 1:
+        return (triton_scan_n1.states_shape(batch, dim, L), )
+    chunk = max(16, _MAX_CHUNK // triton.next_power_of_2(N))
+    return ((batch, dim, -(-L // chunk), N), )
+
+
 def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
                   dy, saved):
     """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)`` in the inputs' dtypes.

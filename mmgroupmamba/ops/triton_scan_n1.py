@@ -62,6 +62,12 @@ def plan(batch: int, dim_per_group: int, groups: int, L: int) -> Tuple[LaunchCon
                          bwd_t, bwd_warps))
 
 
+def states_shape(batch, dim: int, L):
+    """Shape of the states :func:`forward` saves. Every plan's forward chunk is ``_MAX_T`` steps
+    or covers the whole sequence, so this is ``ceil(L / _MAX_T)`` chunks (symbolic sizes pass)."""
+    return (batch * dim, -(-L // _MAX_T))
+
+
 def _block_d(batch: int, dim_per_group: int, groups: int, want: int, min_programs: int) -> int:
     block_d = max(1, min(triton.next_power_of_2(dim_per_group), want))
     while block_d > 1 and batch * groups * triton.cdiv(dim_per_group, block_d) < min_programs:

@@ -118,6 +118,24 @@ def test_with_cp_gives_identical_gradients(monkeypatch):
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize('with_cp', [False, True])
+def test_backbone_traces_as_one_graph(with_cp):
+    """What ``torch_compile=True`` compiles on CUDA traces without a graph break (the scan is a
+    custom operator with autograd and shape functions) and gives eager's outputs and gradients."""
+    torch._dynamo.reset()
+    model = randomize(GroupMamba(ARCH, with_cp=with_cp)).train()
+    x = torch.randn(2, 3, 40, 36, requires_grad=True)
+    features = groupmamba_module.GroupMamba._features
+    traced_features = torch.compile(features, backend='aot_eager', fullgraph=True)
+    results = []
+    for run in (features, traced_features):
+        outs = run(model, x, 4, True)
+        loss = sum((out ** 2).mean() for out in outs)
+        results.append([loss, *torch.autograd.grad(loss, [x, *model.parameters()])])
+    for traced, eager in zip(results[1], results[0]):
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+
+
 def test_drop_path_schedule():
     model = GroupMamba(ARCH, drop_path_rate=0.25)
     blocks = [block for stage in model.stages for block in stage.blocks]

@@ -17,6 +17,10 @@ from mmgroupmamba.ops import selective_scan, torch_scan, triton_scan  # noqa: E4
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 
+
+def _triton_version():
+    return tuple(int(part) for part in triton.__version__.split('.')[:2])
+
 # (dims per group, L) of the four stages at 224 x 224; four groups, one per scan direction.
 STAGES = {
     'tiny': ((16, 3136), (32, 784), (87, 196), (112, 49)),
@@ -197,6 +201,9 @@ INTERPRETER_CHECK = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.skipif(_triton_version() < (3, 7),
+                    reason="Triton < 3.7's interpreter fails on the general-N kernel's launch "
+                           "('only 0-dimensional arrays can be converted to Python scalars')")
 def test_interpreter_matches_reference():
     # TRITON_INTERPRET must be set before triton is imported, hence the fresh interpreter.
     env = dict(os.environ, TRITON_INTERPRET='1')

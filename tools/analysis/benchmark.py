@@ -6,8 +6,8 @@
 
 Training = forward, loss, backward and AdamW step under bf16 autocast; inference = eval-mode
 forward in bf16 (autocast) and in fp32. Random inputs; median of timed windows after warm-up.
-GroupMamba runs its blocks through torch.compile unless --eager; the warm-up column is the time
-of the warm-up steps (compilation included) of the training measurement.
+GroupMamba runs its backbone as one torch.compile graph unless --eager; the warm-up column is the
+time of the warm-up steps (compilation included) of the training measurement.
 """
 import argparse
 import json
