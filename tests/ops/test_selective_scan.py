@@ -281,3 +281,29 @@ def test_errors_name_the_argument(change, error, match):
     kwargs.update(change)
     with pytest.raises(error, match=match):
         selective_scan(**kwargs)
+
+
+@pytest.mark.parametrize('with_optional', [True, False])
+def test_custom_operator_registration(with_optional):
+    """The forward operator's shape function, autograd registration and aliasing rules agree with
+    its implementation (``torch.library.opcheck``), and a compiled caller traces through it."""
+    torch.manual_seed(0)
+    batch, dim, H, W = 2, 8, 3, 5
+    L = H * W
+    u, delta = torch.randn(batch, dim, L), torch.randn(batch, dim, L)
+    A = -torch.rand(dim, 1) - 0.1
+    B, C = torch.randn(batch, 4, 1, L), torch.randn(batch, 4, 1, L)
+    D, bias = (torch.randn(dim), torch.randn(dim)) if with_optional else (None, None)
+    inputs = [x if x is None else x.requires_grad_() for x in (u, delta, A, B, C, D, bias)]
+    torch.library.opcheck(torch.ops.mmgroupmamba.selective_scan_fwd.default,
+                          (*inputs, True, [0, 1, 2, 3], [H, W], torch.float32, ''))
+
+    def loss_and_grads(fn):
+        y = fn(*inputs, delta_softplus=True, spatial_shape=(H, W), directions=SCAN_DIRECTIONS)
+        params = [x for x in inputs if x is not None]
+        return [y, *torch.autograd.grad((y ** 2).sum(), params)]
+
+    eager = loss_and_grads(selective_scan)
+    traced = loss_and_grads(torch.compile(selective_scan, backend='aot_eager', fullgraph=True))
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

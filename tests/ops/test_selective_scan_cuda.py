@@ -13,7 +13,7 @@ import torch
 
 triton = pytest.importorskip('triton')
 
-from mmgroupmamba.ops import selective_scan, torch_scan, triton_scan  # noqa: E402
+from mmgroupmamba.ops import selective_scan, torch_scan, triton_scan, triton_scan_n1  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 
@@ -211,3 +211,17 @@ def test_interpreter_matches_reference():
     result = subprocess.run([sys.executable, '-c', INTERPRETER_CHECK], env=env, cwd=repo_root,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
+
+
+def test_saved_shapes_match_the_launch_plans():
+    """The shape functions' state sizes (what ``torch.compile`` allocates for) equal what the
+    launch plans make forward write, for every sequence length and state size in range."""
+    for L in list(range(1, 700)) + [3136, 4096, 12544, 50000]:
+        for N in (1, 2, 3, 4, 16):
+            (shape, ) = triton_scan.saved_shapes(2, 8, 4, N, L)
+            if N == 1:
+                fwd_cfg, _ = triton_scan_n1.plan(2, 2, 4, L)
+                assert shape == (16, triton.cdiv(L, fwd_cfg.block_t)), (L, N)
+            else:
+                tile = triton_scan._Tile(2, 8, 4, N, L, triton_scan._FWD_TILE)
+                assert shape == (2, 8, tile.chunks, N), (L, N)
