@@ -167,7 +167,7 @@ class GroupedSS2D(nn.Module):
         y = _group_norm_gate(y.view(B, G, d, L), z.view(B, G, d, L), self.out_norm_weight,
                              self.out_norm_bias, _INNER_NORM_EPS)
         out = torch.bmm(y.view(B, C, L).transpose(1, 2),
-                        _block_diag(self.out_proj_weight).t().expand(B, C, C))
+                        _weight_batch(_block_diag(self.out_proj_weight).t(), y))
         return out.view(B, H, W, C)
 
 
@@ -212,13 +212,29 @@ def _shared_bmm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(M, K) @ (B, K, L) -> contiguous (B, M, L). ``torch.matmul`` would return a transposed
     view here (it folds the batch into the rows of ``x``); a stride-0 batch of the weight keeps
     the output channel-major without a copy."""
-    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+    return torch.bmm(_weight_batch(weight, x), x)
+
+
+def _weight_batch(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight`` (M, K) as a stride-0 batch of ``x.shape[0]`` for ``bmm``. Under autocast the cast
+    comes first: autocast would otherwise cast the expanded view, one copy per image."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        weight = weight.to(torch.get_autocast_dtype(device_type))
+    return weight.expand(x.shape[0], -1, -1)
 
 
 def _scan(u, delta, A, B, C, D, delta_bias, spatial_shape):
     """The selective scan with softplus and the four groups' directions."""
     return selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True,
                           spatial_shape=spatial_shape, directions=SCAN_DIRECTIONS)
+
+
+def _saves_for_eager_backward() -> bool:
+    """Whether eager autograd is recording: then the memory-lean autograd Functions below replace
+    plain operators. Inductor chooses what to keep for backward by itself, and without autograd
+    the plain operators are what tracers (the FLOPs counter) understand."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def _group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -228,10 +244,53 @@ def _group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bia
     y, z: (B, G, d, L); weight, bias: (G, d). The statistics are taken in at least float32 (as
     autocast runs ``layer_norm``); the result has z's dtype.
     """
+    if _saves_for_eager_backward():
+        return _GroupNormGate.apply(y, z, weight, bias, eps)
+    return _group_norm_gate_math(y, z, weight, bias, eps)
+
+
+def _group_norm_gate_math(y, z, weight, bias, eps):
+    y, mean, rstd = _normalize(y, eps)
+    return (y * weight[..., None] + bias[..., None]).to(z.dtype) * F.silu(z)
+
+
+def _normalize(y: torch.Tensor, eps: float):
+    """(y - mean) * rstd over dim 2 in at least float32, with mean and rstd (B, G, 1, L)."""
     y = y.to(torch.promote_types(y.dtype, torch.float32))
     var, mean = torch.var_mean(y, dim=2, correction=0, keepdim=True)
-    y = (y - mean) * torch.rsqrt(var + eps) * weight[..., None] + bias[..., None]
-    return y.to(z.dtype) * F.silu(z)
+    rstd = torch.rsqrt(var + eps)
+    return (y - mean) * rstd, mean, rstd
+
+
+class _GroupNormGate(torch.autograd.Function):
+    """:func:`_group_norm_gate` keeping only y, z and the statistics for backward; eager autograd
+    would keep three float32 copies of y as well (the normalisation's intermediates)."""
+
+    @staticmethod
+    def forward(ctx, y, z, weight, bias, eps):
+        with torch.no_grad():
+            y_hat, mean, rstd = _normalize(y, eps)
+            out = (y_hat * weight[..., None] + bias[..., None]).to(z.dtype) * F.silu(z)
+        ctx.save_for_backward(y, z, weight, bias, mean, rstd)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        y, z, weight, bias, mean, rstd = ctx.saved_tensors
+        y_hat = (y.to(mean.dtype) - mean) * rstd
+        normed = y_hat * weight[..., None] + bias[..., None]
+        gate = F.silu(z)
+        grad_out = grad_out.to(mean.dtype)
+        grad_z = torch.ops.aten.silu_backward(grad_out * normed.to(z.dtype), z.to(mean.dtype))
+        grad_normed = grad_out * gate.to(mean.dtype)
+        grad_weight = (grad_normed * y_hat).sum(dim=(0, 3))
+        grad_bias = grad_normed.sum(dim=(0, 3))
+        grad_hat = grad_normed * weight[..., None]
+        grad_y = rstd * (grad_hat - grad_hat.mean(dim=2, keepdim=True)
+                         - y_hat * (grad_hat * y_hat).mean(dim=2, keepdim=True))
+        return (grad_y.to(y.dtype), grad_z.to(z.dtype), grad_weight.to(weight.dtype),
+                grad_bias.to(bias.dtype), None)
 
 
 class ChannelAffinity(nn.Module):
@@ -283,7 +342,36 @@ class FFN(nn.Module):
         x = self.fc1(x)
         if self.dwconv is not None:
             x = _depthwise_conv(self.dwconv, x, channel_dim=3)
+        if _saves_for_eager_backward():
+            return _GeluLinear.apply(x, self.fc2.weight, self.fc2.bias)
         return self.fc2(F.gelu(x))
+
+
+class _GeluLinear(torch.autograd.Function):
+    """``F.linear(F.gelu(h), weight, bias)`` that keeps only ``h`` for backward and recomputes the
+    GELU there: eager autograd would keep both ``h`` and ``GELU(h)``, two copies of the FFN's
+    widest tensor. Under autocast it computes in the autocast dtype, as ``nn.Linear`` would."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        dtype = (torch.get_autocast_dtype(h.device.type)
+                 if torch.is_autocast_enabled(h.device.type) else h.dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            out = F.linear(F.gelu(h).to(dtype), weight.to(dtype), bias.to(dtype))
+        ctx.save_for_backward(h, weight)
+        ctx.dtype = dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        h, weight = ctx.saved_tensors
+        grad_out = grad_out.to(ctx.dtype)
+        act = F.gelu(h).to(ctx.dtype)
+        grad_act = grad_out @ weight.to(ctx.dtype)
+        grad_weight = grad_out.flatten(0, -2).t() @ act.flatten(0, -2)
+        grad_h = torch.ops.aten.gelu_backward(grad_act.to(h.dtype), h)
+        return grad_h, grad_weight.to(weight.dtype), grad_out.flatten(0, -2).sum(0).to(weight.dtype)
 
 
 class GroupMambaBlock(nn.Module):

@@ -350,3 +350,34 @@ def test_groups_scan_in_the_official_directions():
     visit_step = [row_major, column_major, H * W - 1 - row_major, H * W - 1 - column_major]
     for g, step in enumerate(visit_step):
         assert torch.equal(reached[..., g], step >= step[2, 3]), g
+
+
+def test_memory_lean_functions_match_plain_autograd():
+    """The eager autograd Functions that keep less for backward (GELU -> fc2, the SS2D's norm and
+    gate) give the gradients of the plain operators: exactly in float64 (gradcheck), and within
+    bf16 rounding under autocast."""
+    torch.manual_seed(0)
+    double = dict(dtype=torch.double, requires_grad=True)
+    h, w = torch.randn(2, 3, 5, 16, **double), torch.randn(8, 16, **double)
+    b = torch.randn(8, **double)
+    assert torch.autograd.gradcheck(groupmamba_module._GeluLinear.apply, (h, w, b))
+    y, z = torch.randn(2, 4, 5, 7, **double), torch.randn(2, 4, 5, 7, **double)
+    weight, bias = torch.randn(4, 5, **double), torch.randn(4, 5, **double)
+    gate = groupmamba_module._GroupNormGate.apply
+    assert torch.autograd.gradcheck(lambda *a: gate(*a, 1e-5), (y, z, weight, bias))
+
+    cases = [(groupmamba_module._GeluLinear.apply,
+              lambda h, w, b: torch.nn.functional.linear(torch.nn.functional.gelu(h), w, b),
+              (h, w, b)),
+             (lambda *a: gate(*a, 1e-5),
+              lambda *a: groupmamba_module._group_norm_gate_math(*a, 1e-5), (y, z, weight, bias))]
+    for lean, plain, args in cases:
+        results = []
+        for fn in (lean, plain):
+            inputs = [a.detach().float().requires_grad_() for a in args]
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                out = fn(*[x.bfloat16() if x.dim() > 2 else x for x in inputs])
+            results.append([out, *torch.autograd.grad((out.float() ** 2).sum(), inputs)])
+        for a, c in zip(*results):
+            assert a.dtype == c.dtype
+            assert ((a.float() - c.float()).norm() / c.float().norm()) < 1e-2
