@@ -250,8 +250,9 @@ def _group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bia
 
 
 def _group_norm_gate_math(y, z, weight, bias, eps):
-    y, mean, rstd = _normalize(y, eps)
-    return (y * weight[..., None] + bias[..., None]).to(z.dtype) * F.silu(z)
+    """:func:`_group_norm_gate` in plain operators (for tracing, and the reference in tests)."""
+    y_hat, _, _ = _normalize(y, eps)
+    return (y_hat * weight[..., None] + bias[..., None]).to(z.dtype) * F.silu(z)
 
 
 def _normalize(y: torch.Tensor, eps: float):
