@@ -3,9 +3,10 @@
     python tools/analysis/saved_activations.py --arch tiny --batch-size 2            # eager
     python tools/analysis/saved_activations.py --arch tiny --batch-size 2 --compile  # compiled
 
-Runs the classifier's forward under autocast (bf16 by default) on random images, twice (the first
-call compiles), at ``--batch-size`` and twice that: prints the MiB per image (the difference) and
-the fixed MiB that autograd keeps for backward, then the largest groups of saved tensors. Runs on the CPU too (then ``--compile`` uses Inductor's C++ backend, a few minutes;
+Runs the classifier's training forward under autocast (bf16 by default) on random images at
+``--batch-size`` and twice that (after one untimed call each, which compiles): prints the MiB per
+image (the difference) and the fixed MiB that autograd keeps for backward, then the largest
+groups of saved tensors. Runs on the CPU too (then ``--compile`` uses Inductor's C++ backend, a few minutes;
 its choices of what to save are a proxy for the GPU's).
 """
 import argparse
@@ -40,6 +41,9 @@ def main():
     if args.compile:
         # torch_compile=True compiles on CUDA only; here the same function on any device.
         features = groupmamba_module._compiled(groupmamba_module.GroupMamba._features)
+        # One static graph per batch size: Inductor's CPU backend fails on some dynamic-shape
+        # graphs of this model (torch 2.13), and static graphs are what a fixed-size run uses.
+        torch._dynamo.config.automatic_dynamic_shapes = False
         model.backbone._run_features = (
             lambda x, num_stages, norm_last: features(model.backbone, x, num_stages, norm_last))
     dtype = DTYPES[args.amp]
@@ -47,14 +51,13 @@ def main():
 
     def forward(batch):
         images = torch.randn(batch, 3, args.image_size, args.image_size, device=args.device)
-        if args.compile:
-            torch._dynamo.mark_dynamic(images, 0)  # one graph for both batch sizes
         with torch.autocast(images.device.type, dtype=dtype or torch.float32,
                             enabled=dtype is not None):
             logits, dist_logits = model(images)
         (logits.float().mean() + dist_logits.float().mean()).backward()
 
-    forward(batches[0])  # compiles
+    for batch in batches:
+        forward(batch)  # compiles
     small, large = (saved_for_backward(lambda: forward(batch), exclude=model.parameters())
                     for batch in batches)
     per_image, fixed = per_image_bytes(small, large, *batches)
