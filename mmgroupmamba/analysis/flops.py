@@ -22,6 +22,7 @@ state size (1 in GroupMamba). What a task's number covers:
   padded to the detector's size divisor, as mmdet's ``get_flops`` reports it;
 - segmentation: backbone and decode head (no auxiliary head), as mmseg's ``get_flops``.
 """
+import math
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from torch import nn
 from mmgroupmamba.ops import selective_scan as _selective_scan
 
 SCAN_OP = 'prim::PythonOp._TracedSelectiveScan'
+DEPTHWISE_CONV_OP = 'mmgroupmamba::depthwise_conv_fwd'
 
 
 def selective_scan_flops(batch: int, dim: int, length: int, state: int,
@@ -71,13 +73,17 @@ def count_flops(model: nn.Module, inputs: Tuple[Any, ...], count_scan: bool = Tr
 
     with torch.no_grad(), _scan_as_one_traced_op():
         analyzer = FlopAnalyzer(model, inputs)
-        analyzer.set_op_handle(**{SCAN_OP: _scan_handle if count_scan else None})
+        analyzer.set_op_handle(**{SCAN_OP: _scan_handle if count_scan else None,
+                                  DEPTHWISE_CONV_OP: _depthwise_conv_handle})
         analyzer.tracer_warnings('none').unsupported_ops_warnings(False)
         analyzer.uncalled_modules_warnings(False)
         by_operator = analyzer.by_operator()
         unsupported = analyzer.unsupported_ops()
         by_operator.subtract(_block_diagonal_excess(model, analyzer.by_module_and_operator()))
-    by_operator = Counter({_OPERATOR_NAMES.get(k, k): v for k, v in by_operator.items() if v})
+    named = Counter()
+    for operator, flops in by_operator.items():
+        named[_OPERATOR_NAMES.get(operator, operator)] += flops
+    by_operator = +named  # drops operators that counted nothing
     return FlopsReport(flops=int(sum(by_operator.values())), params=parameter_count(model)[''],
                        by_operator=by_operator, input_shape=tuple(inputs[0].shape),
                        unsupported=unsupported)
@@ -122,7 +128,8 @@ def config_flops(config: str, shape: Sequence[int], cfg_options: Optional[dict] 
 # ----------------------------------------------------------------------------- helpers
 
 # Short names of the operators in a report (mmengine strips the namespace, 'aten::' or 'prim::').
-_OPERATOR_NAMES = {SCAN_OP.split('::')[-1]: 'selective_scan', '_convolution': 'conv'}
+_OPERATOR_NAMES = {SCAN_OP.split('::')[-1]: 'selective_scan', '_convolution': 'conv',
+                   DEPTHWISE_CONV_OP.split('::')[-1]: 'conv'}
 
 
 class _TracedSelectiveScan(torch.autograd.Function):
@@ -175,6 +182,15 @@ def _scan_handle(inputs: List[Any], outputs: List[Any]) -> int:
     state = get_shape(inputs[1])[1]
     with_D = get_shape(inputs[2])[0] > 0
     return selective_scan_flops(batch, dim, length, state, with_D)
+
+
+def _depthwise_conv_handle(inputs: List[Any], outputs: List[Any]) -> int:
+    """A depthwise k x k convolution: k * k multiply-adds per output element, as fvcore prices
+    the same ``aten::_convolution``."""
+    from mmengine.analysis.jit_handles import get_shape
+
+    kernel_h, kernel_w = get_shape(inputs[1])[-2:]
+    return math.prod(get_shape(outputs[0])) * kernel_h * kernel_w
 
 
 @contextmanager

@@ -4,6 +4,7 @@ Timing follows the usual rules for asynchronous devices: warm-up steps first (co
 autotuning, allocator growth), then many timed steps between synchronisations, and the median of
 several timed windows. Inputs are random normal images, never zeros.
 """
+import re
 import statistics
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -109,14 +110,49 @@ def measure_training(model: torch.nn.Module,
                 peak_gib=_peak_gib(torch.device(device)), warmup_s=warmup_seconds)
 
 
+# Kinds of CUDA kernels by name, first match wins: the scan's Triton kernels, Inductor's generated
+# kernels (pointwise, reductions), cuBLAS / CUTLASS GEMMs, cuDNN convolutions, the optimizer.
+_KERNEL_KINDS = (
+    ('selective scan', r'scan'),
+    ('Inductor pointwise', r'^triton_poi'),
+    ('Inductor reduction', r'^triton_(red|per)'),
+    ('other Triton', r'^triton'),
+    ('GEMM', r'gemm|nvjet|cutlass|xmma|cublas|splitKreduce'),
+    ('convolution', r'conv|cudnn|dgrad|wgrad|implicit'),
+    ('optimizer', r'multi_tensor_apply'),
+    ('normalization', r'norm'),
+    ('copy', r'copy'),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel by its name (see ``_KERNEL_KINDS``); 'other' when none fits."""
+    for kind, pattern in _KERNEL_KINDS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return kind
+    return 'other'
+
+
 def profile_training(model: torch.nn.Module, batch_size: int, warmup: int = 5, steps: int = 3,
-                     **kwargs) -> torch.profiler.profile:
+                     timed_steps: int = 0, **kwargs):
     """A ``torch.profiler`` trace (CPU and CUDA activity) of ``steps`` training steps after
-    ``warmup`` untraced ones; keyword arguments as :func:`training_step`."""
+    ``warmup`` untraced ones; keyword arguments as :func:`training_step`.
+
+    Returns ``(profile, timing)``: with ``timed_steps`` > 0 the untraced steps are also timed as
+    in :func:`measure_training` before tracing (``timing`` as its result, else None), so that one
+    process (one compilation) gives both the throughput and the profile.
+    """
     step = training_step(model, batch_size, **kwargs)
     device = torch.device(kwargs.get('device', 'cuda'))
-    for _ in range(warmup):
-        step()
+    timing = None
+    if timed_steps > 0:
+        _reset_peak(device)
+        seconds, warmup_seconds = _median_step_seconds(step, device, warmup, timed_steps)
+        timing = dict(images_per_s=batch_size / seconds, step_ms=seconds * 1e3,
+                      peak_gib=_peak_gib(device), warmup_s=warmup_seconds)
+    else:
+        for _ in range(warmup):
+            step()
     _synchronize(device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == 'cuda':
@@ -125,7 +161,7 @@ def profile_training(model: torch.nn.Module, batch_size: int, warmup: int = 5, s
         for _ in range(steps):
             step()
         _synchronize(device)
-    return prof
+    return prof, timing
 
 
 def measure_inference(model: torch.nn.Module,

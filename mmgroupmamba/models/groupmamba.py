@@ -22,7 +22,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmseg.registry import MODELS as MMSEG_MODELS
 from timm.layers import DropPath
 
-from ..ops import SCAN_DIRECTIONS, selective_scan
+from ..ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
 
 # Variants of the paper. Channels per stage, blocks per stage, width of the stem convolutions and
 # FFN expansion per stage.
@@ -157,7 +157,8 @@ class GroupedSS2D(nn.Module):
         tokens = x.reshape(B, L, C).transpose(1, 2)
         u = _shared_bmm(_block_diag(self.in_proj_weight[:, :d]), tokens)
         z = _shared_bmm(_block_diag(self.in_proj_weight[:, d:]), tokens)
-        u = F.silu(_depthwise_conv(self.conv, u.view(B, C, H, W), channel_dim=1)).view(B, G, d, L)
+        u = _depthwise_conv(u.view(B, C, H, W), self.conv.weight, self.conv.bias, channel_dim=1)
+        u = F.silu(u).view(B, G, d, L)
         x_dbl = torch.matmul(self.x_proj_weight, u)  # (B, G, R + 2N, L)
         dt = torch.matmul(self.dt_proj_weight, x_dbl[:, :, :R])  # (B, G, d, L)
         # B and C are strided views of x_dbl, which the scan takes without a copy.
@@ -171,36 +172,14 @@ class GroupedSS2D(nn.Module):
         return out.view(B, H, W, C)
 
 
-def _depthwise_conv(conv: nn.Conv2d, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """Stride-1 'same' depthwise convolution of ``x`` whose channels lie along ``channel_dim``
-    (1: (B, C, H, W); 3: (B, H, W, C)), same result as ``conv``.
-
-    Eager mode calls cuDNN. Under ``torch.compile`` it is written as k * k shifted
-    multiply-adds, which Inductor fuses with the neighbouring pointwise work (bias, activation)
-    into one kernel, and whose backward it fuses likewise; cuDNN's depthwise kernels are slow on
-    channels-last low-precision maps, backward especially.
-    """
-    if not torch.compiler.is_compiling():
-        if channel_dim == 1:
-            return conv(x)
-        return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    k = conv.kernel_size[0]
-    p = k // 2
-    h_dim, w_dim = (2, 3) if channel_dim == 1 else (1, 2)
-    H, W = x.shape[h_dim], x.shape[w_dim]
-    pad = (p, p, p, p) if channel_dim == 1 else (0, 0, p, p, p, p)
-    x = F.pad(x, pad)
-    weight = conv.weight.view(-1, k, k)
+def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    channel_dim: int) -> torch.Tensor:
+    """A depthwise, stride-1 'same' convolution (an ``nn.Conv2d``'s weight and bias) of ``x``
+    whose channels lie along ``channel_dim`` (1: (B, C, H, W); 3: (B, H, W, C)), through the
+    project's depthwise op: Triton kernels on the GPU for both layouts, no layout copies."""
     if channel_dim == 1:
-        weight = weight[..., None, None]  # (C, k, k, 1, 1): broadcasts over (H, W)
-    out = None
-    for i in range(k):
-        for j in range(k):
-            tap = x.narrow(h_dim, i, H).narrow(w_dim, j, W) * weight[:, i, j]
-            out = tap if out is None else out + tap
-    bias = conv.bias if channel_dim == 3 else conv.bias[:, None, None]
-    # Float32 weights promote the sum; the result keeps x's dtype, as cuDNN's would.
-    return (out + bias).to(x.dtype)
+        return depthwise_conv2d(x, weight, bias)
+    return depthwise_conv2d(x.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
 
 
 def _block_diag(weight: torch.Tensor) -> torch.Tensor:
@@ -330,7 +309,12 @@ class GroupMambaLayer(nn.Module):
 
 
 class FFN(nn.Module):
-    """fc1 -> [depthwise 3x3 conv] -> GELU -> fc2 on (B, H, W, C) tokens."""
+    """fc1 -> [depthwise 3x3 conv] -> GELU -> fc2 on (B, H, W, C) tokens.
+
+    Training keeps only fc1's output for backward and recomputes the convolution and GELU there:
+    the hidden map is the model's widest activation, and both eager autograd and Inductor would
+    otherwise keep it twice (the convolution's input and fc2's input).
+    """
 
     def __init__(self, embed_dims: int, hidden_dims: int, with_dwconv: bool = True):
         super().__init__()
@@ -341,38 +325,61 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        if self.dwconv is not None:
-            x = _depthwise_conv(self.dwconv, x, channel_dim=3)
         if _saves_for_eager_backward():
-            return _GeluLinear.apply(x, self.fc2.weight, self.fc2.bias)
-        return self.fc2(F.gelu(x))
+            conv = self.dwconv
+            return _ConvGeluLinear.apply(x, None if conv is None else conv.weight,
+                                         None if conv is None else conv.bias, self.fc2.weight,
+                                         self.fc2.bias)
+        if torch.compiler.is_compiling() and torch.is_grad_enabled():
+            return self.fc2(cp.checkpoint(self._conv_act, x, use_reentrant=False))
+        return self.fc2(self._conv_act(x))
+
+    def _conv_act(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dwconv is not None:
+            x = _depthwise_conv(x, self.dwconv.weight, self.dwconv.bias, channel_dim=3)
+        return F.gelu(x)
 
 
-class _GeluLinear(torch.autograd.Function):
-    """``F.linear(F.gelu(h), weight, bias)`` that keeps only ``h`` for backward and recomputes the
-    GELU there: eager autograd would keep both ``h`` and ``GELU(h)``, two copies of the FFN's
-    widest tensor. Under autocast it computes in the autocast dtype, as ``nn.Linear`` would."""
+class _ConvGeluLinear(torch.autograd.Function):
+    """``F.linear(GELU(dwconv(h)), weight, bias)`` on ``(B, H, W, hidden)`` tokens keeping only
+    ``h`` for backward (no convolution: ``conv_weight`` None). Under autocast the linear layer
+    computes in the autocast dtype, as ``nn.Linear`` would."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias):
+    def forward(ctx, h, conv_weight, conv_bias, weight, bias):
         dtype = (torch.get_autocast_dtype(h.device.type)
                  if torch.is_autocast_enabled(h.device.type) else h.dtype)
         with torch.autocast(h.device.type, enabled=False):
-            out = F.linear(F.gelu(h).to(dtype), weight.to(dtype), bias.to(dtype))
-        ctx.save_for_backward(h, weight)
+            act = F.gelu(h if conv_weight is None else
+                         _depthwise_conv(h, conv_weight, conv_bias, channel_dim=3))
+            out = F.linear(act.to(dtype), weight.to(dtype), bias.to(dtype))
+        ctx.save_for_backward(h, conv_weight, conv_bias, weight)
         ctx.dtype = dtype
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        h, weight = ctx.saved_tensors
+        h, conv_weight, conv_bias, weight = ctx.saved_tensors
+        h, conv_weight, conv_bias = (None if t is None else t.detach().requires_grad_()
+                                     for t in (h, conv_weight, conv_bias))
+        with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
+            a = h if conv_weight is None else _depthwise_conv(h, conv_weight, conv_bias,
+                                                              channel_dim=3)
         grad_out = grad_out.to(ctx.dtype)
-        act = F.gelu(h).to(ctx.dtype)
+        act = F.gelu(a.detach()).to(ctx.dtype)
         grad_act = grad_out @ weight.to(ctx.dtype)
         grad_weight = grad_out.flatten(0, -2).t() @ act.flatten(0, -2)
-        grad_h = torch.ops.aten.gelu_backward(grad_act.to(h.dtype), h)
-        return grad_h, grad_weight.to(weight.dtype), grad_out.flatten(0, -2).sum(0).to(weight.dtype)
+        grad_bias = grad_out.flatten(0, -2).sum(0)
+        del act
+        grad_a = torch.ops.aten.gelu_backward(grad_act.to(a.dtype), a.detach())
+        if conv_weight is None:
+            return grad_a, None, None, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+        conv_inputs = [t for t in (h, conv_weight, conv_bias) if t is not None]
+        grad_h, *grad_conv = torch.autograd.grad(a, conv_inputs, grad_a)
+        if conv_bias is None:
+            grad_conv.append(None)
+        return (grad_h, *grad_conv, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype))
 
 
 class GroupMambaBlock(nn.Module):
@@ -390,18 +397,25 @@ class GroupMambaBlock(nn.Module):
         return x + self.drop_path(self.ffn(self.norm(x)))
 
 
+# torch.compile modes ``torch_compile`` may name; True is the default mode.
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    """``fn`` through ``torch.compile``, built on first use. The whole backbone is one graph (the
-    scans included, as custom operators): the pointwise work around the matmuls, convolutions
-    and scans fuses into few kernels, and backward recomputes it instead of storing its
-    intermediates. Each mode (train/eval), autocast dtype and caller is a cache entry, and
-    changing image sizes turn into one dynamic-shape entry. (Compiling each stage on its own
-    would make the stages' different sizes look like one changing, dynamic shape.)"""
+def _compiled(fn, mode: str = 'default'):
+    """``fn`` through ``torch.compile`` in ``mode``, built on first use. The whole backbone is one
+    graph (the scans and depthwise convolutions included, as custom operators): the pointwise
+    work around them and the matmuls fuses into few kernels, and backward recomputes it instead
+    of storing its intermediates. Each mode (train/eval), autocast dtype and caller is a cache
+    entry, and changing image sizes turn into one dynamic-shape entry. (Compiling each stage on
+    its own would make the stages' different sizes look like one changing, dynamic shape.)"""
     limit = 64
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     # Inductor's coalescing analysis trips an internal assertion on the stage graphs (torch 2.11).
-    return torch.compile(fn, options={'triton.coalesce_tiling_analysis': False})
+    # torch.compile takes a mode or options, not both: the mode's options plus this one.
+    options = dict(torch._inductor.list_mode_options(mode), **{
+        'triton.coalesce_tiling_analysis': False})
+    return torch.compile(fn, options=options)
 
 
 class ClassBlock(nn.Module):
@@ -501,9 +515,11 @@ class GroupMamba(BaseModule):
         frozen_stages (int): -1 freezes nothing, 0 the stem, k the stem and stages 0..k-1.
         norm_eval (bool): keep the stem's BatchNorms in eval mode while training.
         with_cp (bool): gradient checkpointing per block.
-        torch_compile (bool): run the backbone as one ``torch.compile`` graph on CUDA (faster and
-            leaner training and inference; the first steps compile, a minute or so). CPU inputs
-            always run eagerly.
+        torch_compile (bool | str): run the backbone as one ``torch.compile`` graph on CUDA
+            (faster and leaner training and inference; the first steps compile, a few minutes).
+            A string names the compile mode (one of ``COMPILE_MODES``); ``'reduce-overhead'``
+            replays CUDA graphs, for fixed input sizes (classification). CPU inputs always run
+            eagerly.
         drop_path_rate (float): stochastic depth, linearly increasing over all blocks.
         init_cfg (dict, optional): e.g.
             ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
@@ -517,7 +533,7 @@ class GroupMamba(BaseModule):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  drop_path_rate: float = 0.,
-                 torch_compile: bool = False,
+                 torch_compile: Union[bool, str] = False,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
         settings = resolve_arch(arch)
@@ -532,6 +548,9 @@ class GroupMamba(BaseModule):
         self.in_channels = in_channels
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        if not isinstance(torch_compile, bool) and torch_compile not in COMPILE_MODES:
+            raise ValueError(f'torch_compile must be a bool or one of {COMPILE_MODES}, got '
+                             f'{torch_compile!r}')
         self.torch_compile = torch_compile
 
         self.stem = Stem(in_channels, settings['stem_channels'], self.embed_dims[0])
@@ -564,7 +583,8 @@ class GroupMamba(BaseModule):
     def _run_features(self, x: torch.Tensor, num_stages: int,
                       norm_last: bool) -> List[torch.Tensor]:
         if self.torch_compile and x.is_cuda:
-            return _compiled(GroupMamba._features)(self, x, num_stages, norm_last)
+            mode = 'default' if self.torch_compile is True else self.torch_compile
+            return _compiled(GroupMamba._features, mode)(self, x, num_stages, norm_last)
         return self._features(x, num_stages, norm_last)
 
     def _features(self, x: torch.Tensor, num_stages: int, norm_last: bool) -> List[torch.Tensor]:
@@ -607,7 +627,7 @@ class GroupMambaClassifier(nn.Module):
 
     def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
                  distillation: bool = True, drop_path_rate: float = 0.,
-                 torch_compile: bool = False):
+                 torch_compile: Union[bool, str] = False):
         super().__init__()
         self.backbone = GroupMamba(arch, drop_path_rate=drop_path_rate,
                                    torch_compile=torch_compile)

@@ -12,8 +12,8 @@ direction ``directions[g]`` over the ``H x W`` tokens (see :mod:`._directions`).
 Backend contract
 ----------------
 The op dispatches on ``u.device``: CUDA tensors go to ``mmgroupmamba.ops.triton_scan`` when both
-``triton`` and that module import (otherwise, and for every other device, to
-:mod:`mmgroupmamba.ops.torch_scan`). It is registered as two custom operators
+``triton`` and that module import and there are at most 31 groups (otherwise, and for every other
+device, to :mod:`mmgroupmamba.ops.torch_scan`). It is registered as two custom operators
 (``torch.ops.mmgroupmamba.selective_scan_fwd``/``_bwd``) with autograd and shape functions, so
 ``torch.compile`` traces through it. Each backend module exposes::
 
@@ -101,7 +101,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
               delta_softplus: bool, directions: List[int], spatial_shape: List[int],
               out_dtype: torch.dtype, backend: str) -> List[torch.Tensor]:
     """Returns ``[y, *saved]``."""
-    impl = _backend_for(u.device, backend)
+    impl = _backend_for(u.device, backend, B.shape[1])
     # Autocast must not lower the scan's arithmetic; the backends accumulate in float32.
     with torch.autocast(u.device.type, enabled=False):
         y, saved = impl.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus,
@@ -112,7 +112,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape, out_dtype,
       backend):
-    impl = _backend_for(u.device, backend)
+    impl = _backend_for(u.device, backend, B.shape[1])
     batch, dim, L = u.shape
     y = u.new_empty(u.shape, dtype=out_dtype)
     saved = [u.new_empty(shape, dtype=torch.float32)
@@ -127,7 +127,7 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
               backend: str, dy: torch.Tensor, saved: List[torch.Tensor]) -> List[torch.Tensor]:
     """Returns ``[du, ddelta, dA, dB, dC, dD, ddelta_bias]`` in the inputs' dtypes; an absent
     D or delta_bias gets an empty gradient."""
-    impl = _backend_for(u.device, backend)
+    impl = _backend_for(u.device, backend, B.shape[1])
     with torch.autocast(u.device.type, enabled=False):
         grads = impl.scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus,
                                    tuple(directions), tuple(spatial_shape), dy, tuple(saved))
@@ -175,8 +175,9 @@ def _scan_backward(ctx, grads):
 _scan_fwd.register_autograd(_scan_backward, setup_context=_setup_context)
 
 
-def _backend_for(device: torch.device, backend_name: str):
-    if device.type == 'cuda' and not backend_name:
+def _backend_for(device: torch.device, backend_name: str, groups: int):
+    # The Triton kernels take at most 31 groups (their directions are packed in one integer).
+    if device.type == 'cuda' and not backend_name and groups <= 31:
         try:
             import triton  # noqa: F401
 

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import triton_scan_n1
+from .triton_scan_n1 import direction_code
 from .triton_common import affine_combine, effective_delta, or_dummy, token_index
 
 # Elements (channels x states x steps) of one program's tile, per kernel: enough independent loads
@@ -63,7 +64,7 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, s
     y = _empty(u.shape, out_dtype, u.device)
     states = _empty((batch, dim, tile.chunks, N), torch.float32, u.device)
     _scan_fwd_kernel[(tile.programs, )](
-        u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u), _direction_tensor(directions, u),
+        u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u), direction_code(directions),
         y, states, L, H, W, dim, groups, dim // groups, N, tile.d_blocks,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=_row_major(directions), VEC=4 if L % 4 == 0 else 1, BLOCK_D=tile.block_d,
@@ -112,7 +113,7 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
     dD_part = _empty((batch, dim), torch.float32, u.device)
     dbias_part = _empty((batch, dim), torch.float32, u.device)
     _scan_bwd_kernel[(tile.programs, )](
-        u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u), _direction_tensor(directions, u),
+        u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u), direction_code(directions),
         dy, states, du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part,
         L, H, W, dim, groups, dim // groups, N, tile.d_blocks, tile.chunks,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
@@ -181,10 +182,6 @@ def _row_major(directions) -> bool:
     return all(d == 0 for d in directions)
 
 
-def _direction_tensor(directions, like: torch.Tensor) -> torch.Tensor:
-    return triton_scan_n1.direction_tensor(tuple(directions), like.device)
-
-
 @triton.jit
 def _program_coords(dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, bias_ptr,
                     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -212,8 +209,8 @@ def _program_coords(dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, b
     return b, g, d_block, chan, d_mask, offs_n, n_mask, dn_mask, A, D, bias, row, bc_row
 
 
-@triton.jit(do_not_specialize=['L', 'H', 'W'])
-def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_ptr, y_ptr,
+@triton.jit(do_not_specialize=['L', 'H', 'W', 'dir_code'])
+def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_code, y_ptr,
                      state_ptr, L, H, W, dim, groups, dim_per_group, N, n_dblocks,
                      HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -226,7 +223,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir
         HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
     direction = 0
     if not ROW_MAJOR:
-        direction = tl.load(dir_ptr + g)
+        direction = ((dir_code.to(tl.int64) >> (2 * g)) & 3).to(tl.int32)
     lane = tl.arange(0, BLOCK_L)
     n_chunks = tl.cdiv(L, BLOCK_L)
     state_rows = ((b * dim + chan)[:, None].to(tl.int64) * n_chunks) * N + offs_n[None, :]
@@ -256,8 +253,8 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir
         h = tl.sum(tl.where(lane[None, None, :] == BLOCK_L - 1, hs, 0.0), axis=2)
 
 
-@triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks'])
-def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_ptr, dy_ptr,
+@triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks', 'dir_code'])
+def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_code, dy_ptr,
                      state_ptr, du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
                      L, H, W, dim, groups, dim_per_group, N, n_dblocks, n_chunks,
                      HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -271,7 +268,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir
         HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
     direction = 0
     if not ROW_MAJOR:
-        direction = tl.load(dir_ptr + g)
+        direction = ((dir_code.to(tl.int64) >> (2 * g)) & 3).to(tl.int32)
     lane = tl.arange(0, BLOCK_L)
     state_rows = ((b * dim + chan)[:, None].to(tl.int64) * n_chunks) * N + offs_n[None, :]
     # This program's slice of the per-channel-block dB / dC partials.

@@ -19,7 +19,6 @@ over steps in registers and over the batch with atomics.
 Launch geometry comes from a small table keyed by coarse shape buckets (powers of two), so the
 changing image sizes of detection reuse a handful of compiled kernels.
 """
-import functools
 from typing import NamedTuple, Tuple
 
 import torch
@@ -91,9 +90,9 @@ def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatia
     d_blocks = triton.cdiv(dim_per_group, cfg.block_d)
     y = empty(u.shape, dtype=out_dtype, device=u.device)
     states = empty((batch * dim, n_chunks), dtype=torch.float32, device=u.device)
-    _fwd_kernel[(batch * groups * d_blocks, )](
+    _scan_n1_fwd_kernel[(batch * groups * d_blocks, )](
         u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u),
-        direction_tensor(directions, u.device), y, states,
+        direction_code(directions), y, states,
         L, H, W, n_chunks, dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, BLOCK_D=cfg.block_d,
@@ -130,9 +129,9 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
         dBC = sums[3 * dim:].view(bc_shape)
     else:
         dBC = empty(bc_shape, dtype=B.dtype, device=u.device)
-    _bwd_kernel[(batch * groups * d_blocks, )](
+    _scan_n1_bwd_kernel[(batch * groups * d_blocks, )](
         u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u),
-        direction_tensor(directions, u.device), dy, states,
+        direction_code(directions), dy, states,
         du, ddelta, param_grads, dBC, L, H, W, n_chunks, states.shape[1], cfg.block_t // fwd_block_t,
         dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
@@ -153,22 +152,26 @@ def bc_strides_ok(x: torch.Tensor) -> bool:
 def compiled_kernel_count() -> int:
     """Number of kernel binaries compiled so far in this process (forward and backward)."""
     count = 0
-    for kernel in (_fwd_kernel, _bwd_kernel):
+    for kernel in (_scan_n1_fwd_kernel, _scan_n1_bwd_kernel):
         for cache in getattr(kernel, 'device_caches', {}).values():
             count += len(cache[0])
     return count
 
 
+# The Triton kernels take the groups' directions packed into one integer argument.
+MAX_GROUPS = 31
+
+
+def direction_code(directions: Tuple[int, ...]) -> int:
+    """The groups' direction indices, two bits each, as one kernel argument: no device tensor to
+    copy per call or to cache (CUDA-graph capture rejects device tensors cached across calls)."""
+    assert len(directions) <= MAX_GROUPS, len(directions)
+    return sum(d << (2 * g) for g, d in enumerate(directions))
+
+
 def _bc_strides(x: torch.Tensor, L: int):
     # In units of L: with L % VEC == 0 known to the compiler, B/C rows are provably aligned.
     return x.stride(0) // L, x.stride(1) // L
-
-
-@functools.lru_cache(maxsize=64)
-def direction_tensor(directions: Tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``directions`` as an int32 device tensor, made once: a host-to-device copy per call costs
-    more than a small scan."""
-    return torch.tensor(directions, dtype=torch.int32, device=device)
 
 
 @triton.jit
@@ -195,12 +198,13 @@ def _program_coords(dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_st
     return g, chan, d_mask, A, D, bias, rows, bc_row
 
 
-@triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks'])
-def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_ptr, y_ptr, state_ptr,
-                L, H, W, n_chunks, dim, groups, dim_per_group, n_dblocks, bc_stride_b, bc_stride_g,
-                HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_T: tl.constexpr):
+@triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks', 'dir_code'])
+def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_code, y_ptr,
+                        state_ptr, L, H, W, n_chunks, dim, groups, dim_per_group, n_dblocks,
+                        bc_stride_b, bc_stride_g,
+                        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                        ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_T: tl.constexpr):
     # L is a multiple of VEC (the caller checked): saying so lets the compiler prove rows
     # 16-byte aligned, hence vectorised loads, without specialising on L itself.
     L = (L // VEC) * VEC
@@ -209,7 +213,7 @@ def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_ptr,
         HAS_D, HAS_BIAS, BLOCK_D)
     direction = 0
     if not ROW_MAJOR:
-        direction = tl.load(dir_ptr + g)
+        direction = ((dir_code.to(tl.int64) >> (2 * g)) & 3).to(tl.int32)
     row = rows * L
     lane = tl.arange(0, BLOCK_T)
     h = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -278,20 +282,21 @@ def _load_fwd_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, c
     return u, raw, Bt, Ct
 
 
-@triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks', 'state_chunks'])
-def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_ptr, dy_ptr, state_ptr,
-                du_ptr, ddelta_ptr, param_ptr, dbc_ptr, L, H, W, n_chunks, state_chunks,
-                state_step, dim, groups, dim_per_group, n_dblocks, bc_stride_b, bc_stride_g,
-                HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, ATOMIC_BC: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+@triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks', 'state_chunks', 'dir_code'])
+def _scan_n1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_code, dy_ptr,
+                        state_ptr, du_ptr, ddelta_ptr, param_ptr, dbc_ptr, L, H, W, n_chunks,
+                        state_chunks, state_step, dim, groups, dim_per_group, n_dblocks,
+                        bc_stride_b, bc_stride_g,
+                        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                        ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, ATOMIC_BC: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     L = (L // VEC) * VEC
     g, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
         dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr,
         HAS_D, HAS_BIAS, BLOCK_D)
     direction = 0
     if not ROW_MAJOR:
-        direction = tl.load(dir_ptr + g)
+        direction = ((dir_code.to(tl.int64) >> (2 * g)) & 3).to(tl.int32)
     row = rows * L
     lane = tl.arange(0, BLOCK_T)
     # dB / dC of this image and group, contiguous (batch, groups, 1, L) each.

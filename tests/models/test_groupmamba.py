@@ -353,22 +353,30 @@ def test_groups_scan_in_the_official_directions():
 
 
 def test_memory_lean_functions_match_plain_autograd():
-    """The eager autograd Functions that keep less for backward (GELU -> fc2, the SS2D's norm and
-    gate) give the gradients of the plain operators: exactly in float64 (gradcheck), and within
-    bf16 rounding under autocast."""
+    """The eager autograd Functions that keep less for backward (depthwise conv -> GELU -> fc2,
+    the SS2D's norm and gate) give the gradients of the plain operators: exactly in float64
+    (gradcheck; with and without the convolution and its bias), and within bf16 rounding under
+    autocast."""
     torch.manual_seed(0)
+    F = torch.nn.functional
     double = dict(dtype=torch.double, requires_grad=True)
     h, w = torch.randn(2, 3, 5, 16, **double), torch.randn(8, 16, **double)
     b = torch.randn(8, **double)
-    assert torch.autograd.gradcheck(groupmamba_module._GeluLinear.apply, (h, w, b))
+    conv_w, conv_b = torch.randn(16, 1, 3, 3, **double), torch.randn(16, **double)
+    ffn = groupmamba_module._ConvGeluLinear.apply
+    assert torch.autograd.gradcheck(ffn, (h, conv_w, conv_b, w, b))
+    assert torch.autograd.gradcheck(lambda h, cw, w, b: ffn(h, cw, None, w, b), (h, conv_w, w, b))
+    assert torch.autograd.gradcheck(lambda h, w, b: ffn(h, None, None, w, b), (h, w, b))
     y, z = torch.randn(2, 4, 5, 7, **double), torch.randn(2, 4, 5, 7, **double)
     weight, bias = torch.randn(4, 5, **double), torch.randn(4, 5, **double)
     gate = groupmamba_module._GroupNormGate.apply
     assert torch.autograd.gradcheck(lambda *a: gate(*a, 1e-5), (y, z, weight, bias))
 
-    cases = [(groupmamba_module._GeluLinear.apply,
-              lambda h, w, b: torch.nn.functional.linear(torch.nn.functional.gelu(h), w, b),
-              (h, w, b)),
+    def plain_ffn(h, cw, cb, w, b):
+        a = F.conv2d(h.permute(0, 3, 1, 2), cw, cb, padding=1, groups=h.shape[-1])
+        return F.linear(F.gelu(a.permute(0, 2, 3, 1)), w, b)
+
+    cases = [(ffn, plain_ffn, (h, conv_w, conv_b, w, b)),
              (lambda *a: gate(*a, 1e-5),
               lambda *a: groupmamba_module._group_norm_gate_math(*a, 1e-5), (y, z, weight, bias))]
     for lean, plain, args in cases:

@@ -6,8 +6,9 @@
 
 Training = forward, loss, backward and AdamW step under bf16 autocast; inference = eval-mode
 forward in bf16 (autocast) and in fp32. Random inputs; median of timed windows after warm-up.
-GroupMamba runs its backbone as one torch.compile graph unless --eager; the warm-up column is the
-time of the warm-up steps (compilation included) of the training measurement.
+GroupMamba runs its backbone as one torch.compile graph unless --eager (``--compile-mode
+reduce-overhead`` replays it as CUDA graphs); the warm-up column is the time of the warm-up steps
+(compilation included) of the training measurement.
 """
 import argparse
 import json
@@ -17,6 +18,7 @@ import torch
 
 from mmgroupmamba.analysis.speed import measure_inference, measure_training
 from mmgroupmamba.models import GroupMambaClassifier
+from mmgroupmamba.models.groupmamba import COMPILE_MODES
 
 MODELS = {
     'gm_t': lambda compile: GroupMambaClassifier(arch='tiny', torch_compile=compile),
@@ -38,6 +40,8 @@ def parse_args():
                         help='timm name of a distillation teacher: adds "+ teacher" training rows')
     parser.add_argument('--skip', nargs='*', default=[], choices=['train', 'bf16', 'fp32'])
     parser.add_argument('--eager', action='store_true', help='GroupMamba without torch.compile')
+    parser.add_argument('--compile-mode', default='default', choices=COMPILE_MODES,
+                        help="GroupMamba's torch.compile mode ('reduce-overhead': CUDA graphs)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', help='also write the results as JSON to this file')
     return parser.parse_args()
@@ -48,10 +52,14 @@ def main():
     common = dict(batch_size=args.batch_size, image_size=args.image_size, device=args.device)
     rows = []
     for name in args.models:
-        row = dict(model=name + (' (eager)' if args.eager and name.startswith('gm_') else ''))
+        suffix = ''
+        if name.startswith('gm_') and (args.eager or args.compile_mode != 'default'):
+            suffix = ' (eager)' if args.eager else f' ({args.compile_mode})'
+        row = dict(model=name + suffix)
 
         def build():
-            return MODELS[name](not args.eager)
+            return MODELS[name](False if args.eager else (args.compile_mode == 'default'
+                                                           or args.compile_mode))
 
         if 'train' not in args.skip:
             train = measure_training(build(), steps=args.steps, **common)

@@ -1,0 +1,132 @@
+"""Depthwise k x k convolution, stride 1, zero 'same' padding: the convolutions of GroupMamba's
+mixers and FFNs.
+
+``depthwise_conv2d(x, weight, bias)`` equals ``F.conv2d(x, weight, bias, padding=k // 2,
+groups=C)`` computed in float32 and returned in x's dtype, on NCHW or channels-last maps alike
+(the output keeps x's memory layout; float64 stays float64). CUDA tensors with 3 x 3 kernels go
+to the Triton kernels of :mod:`.triton_depthwise_conv` when Triton imports (cuDNN's depthwise
+kernels are slow on channels-last low-precision maps, backward especially), everything else to
+PyTorch's convolution. Like the scan, it is a pair of custom operators with autograd and shape
+functions, so ``torch.compile`` keeps it in its graphs.
+"""
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     *, _backend: Optional[str] = None) -> torch.Tensor:
+    """Args:
+        x: ``(B, C, H, W)`` input, any memory layout.
+        weight: ``(C, 1, k, k)`` with odd k (an ``nn.Conv2d(C, C, k, groups=C)``'s weight).
+        bias: optional ``(C,)``.
+        _backend: ``'torch'`` forces PyTorch's convolution on any device (tests, benchmarks).
+
+    Returns:
+        ``(B, C, H, W)`` in x's dtype and memory layout.
+    """
+    _check_inputs(x, weight, bias)
+    if _backend not in (None, 'torch'):
+        raise ValueError(f"_backend must be None or 'torch', got {_backend!r}")
+    return _conv_fwd(x, weight, bias, _backend or '')
+
+
+@torch.library.custom_op('mmgroupmamba::depthwise_conv_fwd', mutates_args=())
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              backend: str) -> torch.Tensor:
+    triton_impl = _triton_for(x, weight, backend)
+    with torch.autocast(x.device.type, enabled=False):
+        if triton_impl is not None:
+            return triton_impl.forward(x, weight, bias)
+        dtype = _compute_dtype(x)
+        y = F.conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                     padding=weight.shape[-1] // 2, groups=x.shape[1])
+        return torch.empty_like(x).copy_(y)
+
+
+@_conv_fwd.register_fake
+def _(x, weight, bias, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op('mmgroupmamba::depthwise_conv_bwd', mutates_args=())
+def _conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool,
+              backend: str) -> List[torch.Tensor]:
+    """Returns ``[grad_x, grad_weight, grad_bias]`` in the inputs' dtypes (an empty grad_bias
+    without bias)."""
+    triton_impl = _triton_for(x, weight, backend)
+    with torch.autocast(x.device.type, enabled=False):
+        if triton_impl is not None:
+            grad_x, grad_weight, grad_bias = triton_impl.backward(grad_y, x, weight, with_bias)
+        else:
+            k, dtype = weight.shape[-1], _compute_dtype(x)
+            grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad_y.to(dtype), x.to(dtype), weight.to(dtype),
+                [weight.shape[0]] if with_bias else None,
+                [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], x.shape[1],
+                [True, True, with_bias])
+            grad_x = torch.empty_like(x).copy_(grad_x)
+    grad_bias = grad_bias.to(weight.dtype) if with_bias else x.new_empty(0)
+    return [grad_x, grad_weight.to(weight.dtype), grad_bias]
+
+
+@_conv_bwd.register_fake
+def _(grad_y, x, weight, with_bias, backend):
+    grad_bias = weight.new_empty(weight.shape[0]) if with_bias else x.new_empty(0)
+    return [torch.empty_like(x), weight.new_empty(weight.shape), grad_bias]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, backend = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.with_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = _conv_bwd(grad_y, x, weight, ctx.with_bias, ctx.backend)
+    grad_bias = grad_bias.to(ctx.bias_dtype) if ctx.with_bias else None
+    return grad_x, grad_weight, grad_bias, None
+
+
+_conv_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _triton_for(x: torch.Tensor, weight: torch.Tensor, backend: str):
+    """The Triton module for 3 x 3 kernels on CUDA maps of 16- and 32-bit floats when Triton
+    imports, else None (PyTorch's convolution)."""
+    if (x.device.type != 'cuda' or backend or x.dtype == torch.float64
+            or weight.shape[-1] != 3):
+        return None
+    try:
+        from . import triton_depthwise_conv
+    except ImportError:
+        return None
+    return triton_depthwise_conv
+
+
+def _check_inputs(x, weight, bias):
+    for name, t in (('x', x), ('weight', weight), ('bias', bias)):
+        if t is None and name == 'bias':
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f'{name} must be a floating-point torch.Tensor, got '
+                            f'{getattr(t, "dtype", type(t).__name__)}')
+        if t.device != x.device:
+            raise ValueError(f'{name} is on {t.device} but x is on {x.device}')
+    if x.dim() != 4:
+        raise ValueError(f'x must be (B, C, H, W), got shape {tuple(x.shape)}')
+    C = x.shape[1]
+    k = weight.shape[-1] if weight.dim() == 4 else 0
+    if weight.shape != (C, 1, k, k) or k % 2 == 0:
+        raise ValueError(f'weight must be (C={C}, 1, k, k) with odd k, got shape '
+                         f'{tuple(weight.shape)}')
+    if bias is not None and bias.shape != (C, ):
+        raise ValueError(f'bias must have shape ({C},), got {tuple(bias.shape)}')

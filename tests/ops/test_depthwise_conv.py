@@ -1,0 +1,166 @@
+"""The depthwise convolution op: PyTorch path, operator registration, Triton kernels (through
+Triton's interpreter on the CPU, natively on a GPU), input checks."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmgroupmamba.ops import depthwise_conv2d
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+# (B, C, H, W, k, channels_last, bias): odd and non-square maps, both layouts, k 3 and 5.
+CASES = [(2, 5, 7, 9, 3, False, True), (2, 70, 6, 5, 3, True, True), (1, 3, 4, 4, 5, False, False),
+         (2, 66, 9, 3, 3, True, False), (1, 4, 1, 1, 3, True, True)]
+
+
+def make_case(B, C, H, W, k, channels_last, bias, dtype=torch.float32, device='cpu'):
+    x = torch.randn(B, C, H, W, dtype=dtype, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(C, 1, k, k, device=device)
+    return x, weight, torch.randn(C, device=device) if bias else None
+
+
+def reference(x, weight, bias, grad_y):
+    """F.conv2d in float64: output and gradients."""
+    inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias) if t is not None]
+    conv_bias = inputs[2] if bias is not None else None
+    y = F.conv2d(inputs[0], inputs[1], conv_bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+    return [y, *torch.autograd.grad(y, inputs, grad_y.double())]
+
+
+def run_op(x, weight, bias, grad_y, **kwargs):
+    inputs = [t.detach().clone().requires_grad_() for t in (x, weight, bias) if t is not None]
+    y = depthwise_conv2d(inputs[0], inputs[1], inputs[2] if bias is not None else None, **kwargs)
+    return [y, *torch.autograd.grad(y, inputs, grad_y)]
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_torch_path_matches_conv2d(case):
+    """Output and gradients equal ``F.conv2d``'s; output and input gradient keep x's layout."""
+    torch.manual_seed(0)
+    x, weight, bias = make_case(*case)
+    grad_y = torch.randn_like(x)
+    results = run_op(x, weight, bias, grad_y)
+    for out, ref in zip(results, reference(x, weight, bias, grad_y)):
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert results[0].stride() == x.stride() and results[1].stride() == x.stride()
+
+
+def test_gradcheck_and_low_precision():
+    torch.manual_seed(0)
+    x, weight, bias = (t.double().requires_grad_() for t in make_case(1, 3, 4, 5, 3, False, True))
+    assert torch.autograd.gradcheck(depthwise_conv2d, (x, weight, bias))
+    # bf16 maps: float32 arithmetic, bf16 result and input gradient, float32 parameter gradients.
+    x, weight, bias = make_case(2, 8, 5, 6, 3, True, True, dtype=torch.bfloat16)
+    grad_y = torch.randn_like(x)
+    results = run_op(x, weight, bias, grad_y)
+    assert [t.dtype for t in results] == [torch.bfloat16, torch.bfloat16, torch.float32,
+                                         torch.float32]
+    for out, ref in zip(results, reference(x, weight, bias, grad_y)):
+        assert ((out.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_custom_operator_registration():
+    """Shape functions and autograd registration agree with the implementation (opcheck), and a
+    compiled caller traces through the op, same results."""
+    torch.manual_seed(0)
+    for case in CASES[:2]:
+        x, weight, bias = (t.requires_grad_() for t in make_case(*case))
+        torch.library.opcheck(torch.ops.mmgroupmamba.depthwise_conv_fwd.default,
+                              (x, weight, bias, ''))
+        grad_y = torch.randn_like(x)
+        eager = run_op(x, weight, bias, grad_y)
+        compiled = torch.compile(depthwise_conv2d, backend='aot_eager', fullgraph=True)
+        inputs = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+        y = compiled(*inputs)
+        traced = [y, *torch.autograd.grad(y, inputs, grad_y)]
+        for a, b in zip(traced, eager):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bad_inputs_are_named():
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match='weight must be'):
+        depthwise_conv2d(x, torch.randn(4, 1, 2, 2))
+    with pytest.raises(ValueError, match='weight must be'):
+        depthwise_conv2d(x, torch.randn(8, 1, 3, 3))
+    with pytest.raises(ValueError, match='bias must have shape'):
+        depthwise_conv2d(x, torch.randn(4, 1, 3, 3), torch.randn(3))
+    with pytest.raises(ValueError, match=r'x must be \(B, C, H, W\)'):
+        depthwise_conv2d(x[0], torch.randn(4, 1, 3, 3))
+    with pytest.raises(TypeError, match='x must be a floating-point'):
+        depthwise_conv2d(x.long(), torch.randn(4, 1, 3, 3))
+    with pytest.raises(ValueError, match='_backend'):
+        depthwise_conv2d(x, torch.randn(4, 1, 3, 3), _backend='cudnn')
+
+
+INTERPRETER_CHECK = textwrap.dedent('''
+    import sys
+    import torch
+    sys.path.insert(0, 'tests/ops')
+    from test_depthwise_conv import CASES, make_case, reference
+    from mmgroupmamba.ops import triton_depthwise_conv
+    torch.manual_seed(0)
+    for case in [c for c in CASES if c[4] == 3]:  # the kernels are written for 3 x 3
+        x, weight, bias = make_case(*case)
+        grad_y = torch.randn_like(x)
+        y = triton_depthwise_conv.forward(x, weight, bias)
+        grad_x, grad_w, grad_b = triton_depthwise_conv.backward(grad_y, x, weight, bias is not None)
+        outs = [y, grad_x, grad_w] + ([grad_b] if bias is not None else [])
+        for out, ref in zip(outs, reference(x, weight, bias, grad_y)):
+            assert out.shape == ref.shape, (case, out.shape, ref.shape)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            assert err < 1e-6, (case, err)
+        assert y.stride() == x.stride() and grad_x.stride() == x.stride(), case
+    print('ok')
+''')
+
+
+def test_triton_kernels_in_interpreter():
+    """The Triton kernels (forward, input and weight gradients) against float64 ``F.conv2d``, run
+    on the CPU by Triton's interpreter."""
+    triton = pytest.importorskip('triton')
+    if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 7):
+        pytest.skip("Triton < 3.7's interpreter fails on loops bounded by kernel arguments "
+                    "('only 0-dimensional arrays can be converted to Python scalars')")
+    # TRITON_INTERPRET must be set before triton is imported, hence the fresh interpreter.
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, '-c', INTERPRETER_CHECK], env=env, cwd=repo_root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
+
+
+@requires_cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('shape', [(4, 512, 56, 56), (3, 348, 13, 17), (2, 1792, 7, 7),
+                                   (2, 64, 200, 304)])
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_triton_matches_torch_on_gpu(dtype, shape, channels_last):
+    """The GPU op against PyTorch's path on the model's stage shapes and a detection-size map."""
+    torch.manual_seed(0)
+    x, weight, bias = make_case(*shape, 3, channels_last, True, dtype=dtype, device='cuda')
+    grad_y = torch.randn_like(x)
+    triton_results = run_op(x, weight, bias, grad_y)
+    torch_results = run_op(x, weight, bias, grad_y, _backend='torch')
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert triton_results[0].stride() == x.stride() and triton_results[1].stride() == x.stride()
+    for a, b in zip(triton_results, torch_results):
+        assert a.dtype == b.dtype
+        assert ((a.double() - b.double()).norm() / b.double().norm()) < tol
+
+
+@requires_cuda
+def test_custom_operator_registration_on_gpu():
+    """opcheck with the Triton kernels behind the op (their outputs' layouts and aliasing)."""
+    torch.manual_seed(0)
+    for case in CASES[:2]:
+        x, weight, bias = (t.requires_grad_() for t in make_case(*case, device='cuda'))
+        torch.library.opcheck(torch.ops.mmgroupmamba.depthwise_conv_fwd.default,
+                              (x, weight, bias, ''))

@@ -1,0 +1,89 @@
+"""Depthwise 3x3 convolution speed on one GPU: the project's Triton op next to cuDNN.
+
+    python tools/analysis/benchmark_depthwise_conv.py                 # GroupMamba-T, batch 128
+    python tools/analysis/benchmark_depthwise_conv.py --dtype float32 --batch-size 64
+
+The maps are GroupMamba-T's at 224x224: each stage's FFN convolution (channels-last, hidden
+width) and SS2D convolution (NCHW, the stage's width). Per map: forward, and backward (input,
+weight and bias gradients) through autograd, of the op (``depthwise_conv2d``) and of cuDNN
+(``F.conv2d`` on the same layout, weights cast to the map's dtype as autocast would). The
+bandwidth column is the forward's: the map read once and written once, over its time. Times are
+medians of CUDA-event timings after warm-up.
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
+from mmgroupmamba.ops import depthwise_conv2d
+
+DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arch', default='tiny', choices=sorted(ARCH_SETTINGS))
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--image-size', type=int, default=224)
+    parser.add_argument('--dtype', default='bfloat16', choices=list(DTYPES))
+    return parser.parse_args()
+
+
+def time_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode='median')
+
+
+def forward_backward_ms(conv, x, weight, bias):
+    """(forward ms, backward ms) of ``conv(x, weight, bias)``."""
+    inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    grad_y = torch.randn_like(x)
+    forward = time_ms(lambda: conv(*inputs))
+    y = conv(*inputs)
+    backward = time_ms(lambda: torch.autograd.grad(y, inputs, grad_y, retain_graph=True))
+    return forward, backward
+
+
+def cudnn(x, weight, bias):
+    return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), padding=1, groups=x.shape[1])
+
+
+def maps(arch: str, batch: int, size: int):
+    """(name, shape, channels_last) of the FFN and SS2D convolution maps per stage."""
+    settings = ARCH_SETTINGS[arch]
+    for stage, (dims, ratio) in enumerate(zip(settings['embed_dims'], settings['mlp_ratios'])):
+        side = size // 4 >> stage
+        yield f'stage {stage + 1} FFN', (batch, int(dims * ratio), side, side), True
+        yield f'stage {stage + 1} SS2D', (batch, dims, side, side), False
+
+
+def main():
+    args = parse_args()
+    dtype = DTYPES[args.dtype]
+    torch.backends.cudnn.benchmark = True
+    print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, triton '
+          f'{triton.__version__}, {args.dtype}, batch {args.batch_size}, {args.image_size}px')
+    print('| map | shape (B, C, H, W) | layout | op fwd ms | op bwd ms | cuDNN fwd ms | '
+          'cuDNN bwd ms | op fwd GB/s |')
+    print('| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |')
+    totals = [0., 0., 0., 0.]
+    for name, shape, channels_last in maps(args.arch, args.batch_size, args.image_size):
+        x = torch.randn(shape, device='cuda', dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(shape[1], 1, 3, 3, device='cuda')
+        bias = torch.randn(shape[1], device='cuda')
+        times = [*forward_backward_ms(depthwise_conv2d, x, weight, bias),
+                 *forward_backward_ms(cudnn, x, weight, bias)]
+        totals = [t + s for t, s in zip(totals, times)]
+        gbps = 2 * x.numel() * x.element_size() / times[0] / 1e6
+        layout = 'NHWC' if channels_last else 'NCHW'
+        print(f'| {name} | {tuple(shape)} | {layout} | ' + ' | '.join(f'{t:.3f}' for t in times)
+              + f' | {gbps:.0f} |')
+    print('| all maps | | | ' + ' | '.join(f'{t:.3f}' for t in totals) + ' | |')
+
+
+if __name__ == '__main__':
+    main()
