@@ -301,6 +301,7 @@ def test_registered_in_openmmlab_registries():
     (dict(out_indices=(0, 4)), ValueError, 'out_indices'),
     (dict(frozen_stages=5), ValueError, 'frozen_stages'),
     (dict(frozen_stages=-2), ValueError, 'frozen_stages'),
+    (dict(torch_compile='fastest'), ValueError, 'reduce-overhead'),
 ])
 def test_misconfiguration_is_refused(kwargs, error, match):
     with pytest.raises(error, match=match):

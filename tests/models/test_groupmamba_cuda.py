@@ -139,3 +139,24 @@ def test_cuda_classifier_inference_bf16(torch_compile):
         logits = model(images.float().cuda())
     # Measured 0.054 on an H100 (2026-11-24) for the randomised tiny classifier.
     assert _relative_error(logits, expected) < 1e-1
+
+
+@requires_cuda
+def test_cuda_graph_replays_match_default_compile():
+    """``torch_compile='reduce-overhead'`` (CUDA graphs) gives the default compiled model's
+    outputs and gradients on replayed steps (the first calls warm up and record)."""
+    torch.manual_seed(0)
+    models = [randomize(GroupMamba(ARCH, torch_compile=mode)).cuda().train()
+              for mode in (True, 'reduce-overhead')]
+    models[1].load_state_dict(models[0].state_dict())
+    images = torch.randn(2, 3, 96, 128, device='cuda')
+    results = []
+    for model in models:
+        params = [p for p in model.parameters() if p.requires_grad]
+        for _ in range(3):
+            outs = model(images)
+            loss = sum((out.float() ** 2).mean() for out in outs)
+            grads = torch.autograd.grad(loss, params)
+        results.append([out.clone() for out in outs] + [g.clone() for g in grads])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
