@@ -61,9 +61,13 @@ def _blocks(x: torch.Tensor, tile: int = _TILE) -> Tuple[int, int]:
 def _stencil(src, weight, bias, dst, mirrored: bool):
     B, C, H, W = src.shape
     block_w, block_c = _blocks(dst)
+    # The kernel indexes the taps and bias densely (parameters are; a view might not be).
+    has_bias = bias is not None
+    weight = weight.contiguous()
+    bias = bias.contiguous() if has_bias else src
     _stencil_kernel[(B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
-        src, weight, src if bias is None else bias, dst, H, W, C, *src.stride(), *dst.stride(),
-        K=weight.shape[-1], MIRRORED=mirrored, HAS_BIAS=bias is not None, BLOCK_W=block_w,
+        src, weight, bias, dst, H, W, C, *src.stride(), *dst.stride(),
+        K=weight.shape[-1], MIRRORED=mirrored, HAS_BIAS=has_bias, BLOCK_W=block_w,
         BLOCK_C=block_c)
 
 

@@ -118,6 +118,11 @@ INTERPRETER_CHECK = textwrap.dedent('''
             err = ((out.double() - ref).norm() / ref.norm()).item()
             assert err < 1e-6, (case, err)
         assert y.stride() == x.stride() and grad_x.stride() == x.stride(), case
+    # A weight that is a strided view, not a dense parameter.
+    x, _, bias = make_case(2, 6, 5, 4, 3, True, True)
+    weight = torch.randn(6, 1, 3, 6)[..., ::2]
+    y = triton_depthwise_conv.forward(x, weight, bias)
+    assert torch.allclose(y.double(), reference(x, weight, bias, torch.zeros_like(x))[0], atol=1e-5)
     print('ok')
 ''')
 
