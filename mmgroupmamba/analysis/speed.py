@@ -104,16 +104,24 @@ def measure_training(model: torch.nn.Module,
                      device: str = 'cuda') -> Dict[str, Optional[float]]:
     """Images per second, peak memory and warm-up time of :func:`training_step`."""
     step = training_step(model, batch_size, image_size, num_classes, amp_dtype, teacher, device)
-    _reset_peak(torch.device(device))
-    seconds, warmup_seconds = _median_step_seconds(step, torch.device(device), warmup, steps)
+    return _timed(step, batch_size, torch.device(device), warmup, steps)
+
+
+def _timed(step: Callable[[], None], batch_size: int, device: torch.device, warmup: int,
+           steps: int) -> Dict[str, Optional[float]]:
+    """Images per second, step time, peak memory and warm-up time of repeated ``step()``."""
+    _reset_peak(device)
+    seconds, warmup_seconds = _median_step_seconds(step, device, warmup, steps)
     return dict(images_per_s=batch_size / seconds, step_ms=seconds * 1e3,
-                peak_gib=_peak_gib(torch.device(device)), warmup_s=warmup_seconds)
+                peak_gib=_peak_gib(device), warmup_s=warmup_seconds)
 
 
-# Kinds of CUDA kernels by name, first match wins: the scan's Triton kernels, Inductor's generated
-# kernels (pointwise, reductions), cuBLAS / CUTLASS GEMMs, cuDNN convolutions, the optimizer.
+# Kinds of CUDA kernels by name, first match wins: the project's Triton kernels (scan, depthwise
+# convolution), Inductor's generated kernels (pointwise, reductions), cuBLAS / CUTLASS GEMMs, cuDNN
+# convolutions, the optimizer.
 _KERNEL_KINDS = (
     ('selective scan', r'scan'),
+    ('depthwise conv', r'dwconv'),
     ('Inductor pointwise', r'^triton_poi'),
     ('Inductor reduction', r'^triton_(red|per)'),
     ('other Triton', r'^triton'),
@@ -146,10 +154,7 @@ def profile_training(model: torch.nn.Module, batch_size: int, warmup: int = 5, s
     device = torch.device(kwargs.get('device', 'cuda'))
     timing = None
     if timed_steps > 0:
-        _reset_peak(device)
-        seconds, warmup_seconds = _median_step_seconds(step, device, warmup, timed_steps)
-        timing = dict(images_per_s=batch_size / seconds, step_ms=seconds * 1e3,
-                      peak_gib=_peak_gib(device), warmup_s=warmup_seconds)
+        timing = _timed(step, batch_size, device, warmup, timed_steps)
     else:
         for _ in range(warmup):
             step()
@@ -182,7 +187,4 @@ def measure_inference(model: torch.nn.Module,
         with torch.inference_mode(), autocast:
             model(images)
 
-    _reset_peak(device)
-    seconds, warmup_seconds = _median_step_seconds(step, device, warmup, steps)
-    return dict(images_per_s=batch_size / seconds, step_ms=seconds * 1e3,
-                peak_gib=_peak_gib(device), warmup_s=warmup_seconds)
+    return _timed(step, batch_size, device, warmup, steps)

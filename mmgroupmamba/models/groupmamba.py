@@ -325,19 +325,22 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
+        conv = (None, None) if self.dwconv is None else (self.dwconv.weight, self.dwconv.bias)
         if _saves_for_eager_backward():
-            conv = self.dwconv
-            return _ConvGeluLinear.apply(x, None if conv is None else conv.weight,
-                                         None if conv is None else conv.bias, self.fc2.weight,
-                                         self.fc2.bias)
+            return _ConvGeluLinear.apply(x, *conv, self.fc2.weight, self.fc2.bias)
         if torch.compiler.is_compiling() and torch.is_grad_enabled():
-            return self.fc2(cp.checkpoint(self._conv_act, x, use_reentrant=False))
-        return self.fc2(self._conv_act(x))
+            return self.fc2(cp.checkpoint(_conv_gelu, x, *conv, use_reentrant=False))
+        return self.fc2(_conv_gelu(x, *conv))
 
-    def _conv_act(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dwconv is not None:
-            x = _depthwise_conv(x, self.dwconv.weight, self.dwconv.bias, channel_dim=3)
-        return F.gelu(x)
+
+def _ffn_conv(h: torch.Tensor, weight: Optional[torch.Tensor],
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The FFN's depthwise convolution of (B, H, W, hidden) tokens; none without a weight."""
+    return h if weight is None else _depthwise_conv(h, weight, bias, channel_dim=3)
+
+
+def _conv_gelu(h, weight, bias):
+    return F.gelu(_ffn_conv(h, weight, bias))
 
 
 class _ConvGeluLinear(torch.autograd.Function):
@@ -350,8 +353,7 @@ class _ConvGeluLinear(torch.autograd.Function):
         dtype = (torch.get_autocast_dtype(h.device.type)
                  if torch.is_autocast_enabled(h.device.type) else h.dtype)
         with torch.autocast(h.device.type, enabled=False):
-            act = F.gelu(h if conv_weight is None else
-                         _depthwise_conv(h, conv_weight, conv_bias, channel_dim=3))
+            act = _conv_gelu(h, conv_weight, conv_bias)
             out = F.linear(act.to(dtype), weight.to(dtype), bias.to(dtype))
         ctx.save_for_backward(h, conv_weight, conv_bias, weight)
         ctx.dtype = dtype
@@ -364,8 +366,7 @@ class _ConvGeluLinear(torch.autograd.Function):
         h, conv_weight, conv_bias = (None if t is None else t.detach().requires_grad_()
                                      for t in (h, conv_weight, conv_bias))
         with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
-            a = h if conv_weight is None else _depthwise_conv(h, conv_weight, conv_bias,
-                                                              channel_dim=3)
+            a = _ffn_conv(h, conv_weight, conv_bias)
         grad_out = grad_out.to(ctx.dtype)
         act = F.gelu(a.detach()).to(ctx.dtype)
         grad_act = grad_out @ weight.to(ctx.dtype)
@@ -397,7 +398,7 @@ class GroupMambaBlock(nn.Module):
         return x + self.drop_path(self.ffn(self.norm(x)))
 
 
-# torch.compile modes ``torch_compile`` may name; True is the default mode.
+# torch.compile modes ``torch_compile`` may name; True means 'default'.
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
 

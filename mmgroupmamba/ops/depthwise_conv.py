@@ -81,15 +81,13 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, backend = inputs
     ctx.save_for_backward(x, weight)
     ctx.with_bias = bias is not None
-    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.backend = backend
 
 
 def _backward(ctx, grad_y):
     x, weight = ctx.saved_tensors
     grad_x, grad_weight, grad_bias = _conv_bwd(grad_y, x, weight, ctx.with_bias, ctx.backend)
-    grad_bias = grad_bias.to(ctx.bias_dtype) if ctx.with_bias else None
-    return grad_x, grad_weight, grad_bias, None
+    return grad_x, grad_weight, grad_bias if ctx.with_bias else None, None
 
 
 _conv_fwd.register_autograd(_backward, setup_context=_setup_context)

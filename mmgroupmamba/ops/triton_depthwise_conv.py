@@ -38,7 +38,7 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_b
     block_w, block_c = _blocks(x, _WGRAD_TILE)
     row_blocks = triton.cdiv(H, _WGRAD_ROWS)
     partial = torch.empty((B * row_blocks, 10, C), dtype=torch.float32, device=x.device)
-    _wgrad3_kernel[(B * row_blocks, triton.cdiv(C, block_c))](
+    _dwconv_wgrad_kernel[(B * row_blocks, triton.cdiv(C, block_c))](
         x, grad_y, partial, H, W, C, *x.stride(), *grad_y.stride(), row_blocks,
         ROWS=_WGRAD_ROWS, BLOCK_W=block_w, BLOCK_C=block_c)
     sums = partial.sum(0)
@@ -65,16 +65,16 @@ def _stencil(src, weight, bias, dst, mirrored: bool):
     has_bias = bias is not None
     weight = weight.contiguous()
     bias = bias.contiguous() if has_bias else src
-    _stencil_kernel[(B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
+    _dwconv_stencil_kernel[(B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
         src, weight, bias, dst, H, W, C, *src.stride(), *dst.stride(),
         K=weight.shape[-1], MIRRORED=mirrored, HAS_BIAS=has_bias, BLOCK_W=block_w,
         BLOCK_C=block_c)
 
 
 @triton.jit
-def _stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, H, W, C, ss_b, ss_c, ss_h, ss_w,
-                    ds_b, ds_c, ds_h, ds_w, K: tl.constexpr, MIRRORED: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, H, W, C, ss_b, ss_c, ss_h, ss_w,
+                           ds_b, ds_c, ds_h, ds_w, K: tl.constexpr, MIRRORED: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     # Forward: dst[h, w] = sum_ij src[h + i - P, w + j - P] * w[i, j]. The input gradient
     # (MIRRORED) reads the output gradient at [h - i + P, w - j + P] with the same tap w[i, j].
     P: tl.constexpr = K // 2
@@ -117,9 +117,9 @@ def _shifted(base, h, offs_w, DH: tl.constexpr, DW: tl.constexpr, H, W, s_h, s_w
 
 
 @triton.jit
-def _wgrad3_kernel(x_ptr, g_ptr, partial_ptr, H, W, C, xs_b, xs_c, xs_h, xs_w, gs_b, gs_c, gs_h,
-                   gs_w, row_blocks, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
-                   BLOCK_C: tl.constexpr):
+def _dwconv_wgrad_kernel(x_ptr, g_ptr, partial_ptr, H, W, C, xs_b, xs_c, xs_h, xs_w, gs_b,
+                         gs_c, gs_h, gs_w, row_blocks, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
     # partial[program, 3 * i + j, c] = sum over the program's rows of g[h, w] * x[h + i - 1,
     # w + j - 1]; partial[program, 9, c] = sum of g (the bias gradient). Elementwise partial
     # sums per tap, reduced across the tile once at the end.

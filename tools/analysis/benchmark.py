@@ -58,8 +58,7 @@ def main():
         row = dict(model=name + suffix)
 
         def build():
-            return MODELS[name](False if args.eager else (args.compile_mode == 'default'
-                                                           or args.compile_mode))
+            return MODELS[name](False if args.eager else args.compile_mode)
 
         if 'train' not in args.skip:
             train = measure_training(build(), steps=args.steps, **common)

@@ -37,8 +37,8 @@ def parse_args():
 
 def main():
     args = parse_args()
-    compile_mode = True if args.compile_mode == 'default' else args.compile_mode
-    model = GroupMambaClassifier(args.arch, torch_compile=False if args.eager else compile_mode)
+    compile_mode = False if args.eager else args.compile_mode
+    model = GroupMambaClassifier(args.arch, torch_compile=compile_mode)
     prof, timing = profile_training(model, args.batch_size, steps=args.steps,
                                     timed_steps=args.timed_steps)
     if timing is not None:
