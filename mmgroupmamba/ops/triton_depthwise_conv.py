@@ -2,11 +2,11 @@
 
 Tensors are ``(B, C, H, W)`` with any strides: the kernels take them as they lie, so NCHW maps and
 channels-last maps (NHWC memory) are read without copies, and the outputs are allocated with the
-input's layout. Each program computes a ``BLOCK_W x BLOCK_C`` tile of one image row, vectorised
-along whichever of W and C is contiguous, accumulating in float32. The input gradient is the same
-kernel with the taps mirrored; the weight and bias gradients reduce rows of the output gradient
-against shifted input rows into per-program partial sums (no atomics: deterministic), summed
-afterwards.
+input's layout. Each program computes ``BLOCK_W x BLOCK_C`` tiles of several image rows,
+vectorised along whichever of W and C is contiguous, accumulating in float32, loading each input
+row once. The input gradient is the same kernel with the taps turned by 180 degrees; the weight
+and bias gradients reduce rows of the output gradient against shifted input rows into
+per-program partial sums (no atomics: deterministic), summed afterwards.
 """
 from typing import Optional, Tuple
 
@@ -19,6 +19,7 @@ import triton.language as tl
 _TILE = 2048
 _WGRAD_TILE = 512
 _WGRAD_ROWS = 8
+_STENCIL_ROWS = 8
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -61,50 +62,79 @@ def _blocks(x: torch.Tensor, tile: int = _TILE) -> Tuple[int, int]:
 def _stencil(src, weight, bias, dst, mirrored: bool):
     B, C, H, W = src.shape
     block_w, block_c = _blocks(dst)
+    row_blocks = triton.cdiv(H, _STENCIL_ROWS)
     # The kernel indexes the taps and bias densely (parameters are; a view might not be).
     has_bias = bias is not None
     weight = weight.contiguous()
     bias = bias.contiguous() if has_bias else src
-    _dwconv_stencil_kernel[(B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
-        src, weight, bias, dst, H, W, C, *src.stride(), *dst.stride(),
-        K=weight.shape[-1], MIRRORED=mirrored, HAS_BIAS=has_bias, BLOCK_W=block_w,
+    _dwconv_stencil_kernel[(B * row_blocks, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
+        src, weight, bias, dst, H, W, C, *src.stride(), *dst.stride(), row_blocks,
+        MIRRORED=mirrored, HAS_BIAS=has_bias, ROWS=_STENCIL_ROWS, BLOCK_W=block_w,
         BLOCK_C=block_c)
 
 
 @triton.jit
+def _tap(w_ptr, offs_c, c_mask, I: tl.constexpr, J: tl.constexpr, MIRRORED: tl.constexpr):
+    """Tap (I, J) of the 3 x 3 kernel as a (1, BLOCK_C) float32 row; the input gradient uses the
+    kernel turned by 180 degrees."""
+    if MIRRORED:
+        offset = (2 - I) * 3 + (2 - J)
+    else:
+        offset = I * 3 + J
+    return tl.load(w_ptr + offs_c * 9 + offset, mask=c_mask, other=0.).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, H, W, C, ss_b, ss_c, ss_h, ss_w,
-                           ds_b, ds_c, ds_h, ds_w, K: tl.constexpr, MIRRORED: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Forward: dst[h, w] = sum_ij src[h + i - P, w + j - P] * w[i, j]. The input gradient
-    # (MIRRORED) reads the output gradient at [h - i + P, w - j + P] with the same tap w[i, j].
-    P: tl.constexpr = K // 2
-    row = tl.program_id(0)
-    b = (row // H).to(tl.int64)
-    h = row % H
+                           ds_b, ds_c, ds_h, ds_w, row_blocks, MIRRORED: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+    # dst[h, w] = sum_ij src[h + i - 1, w + j - 1] * tap[i, j] for ROWS output rows. Each input
+    # row is loaded once (three column shifts) and feeds the three output rows it touches; a
+    # rolling pair of accumulators holds the rows still open, and a row is stored when its last
+    # input row has been added.
+    program = tl.program_id(0)
+    b = (program // row_blocks).to(tl.int64)
+    h0 = (program % row_blocks) * ROWS
     offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    src = src_ptr + b * ss_b + offs_c[None, :] * ss_c
-    acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    for i in tl.static_range(K):
-        if MIRRORED:
-            hh = h - i + P
-        else:
-            hh = h + i - P
-        row_ok = (hh >= 0) & (hh < H)
-        for j in tl.static_range(K):
-            if MIRRORED:
-                ww = offs_w - j + P
-            else:
-                ww = offs_w + j - P
-            mask = row_ok & ((ww >= 0) & (ww < W))[:, None] & c_mask[None, :]
-            v = tl.load(src + hh * ss_h + ww[:, None] * ss_w, mask=mask, other=0.)
-            tap = tl.load(w_ptr + offs_c * (K * K) + (i * K + j), mask=c_mask, other=0.)
-            acc += v.to(tl.float32) * tap.to(tl.float32)[None, :]
+    c_mask = offs_c[None, :] < C
+    w_ok = offs_w < W
+    mask_left = ((offs_w >= 1) & w_ok)[:, None] & c_mask
+    mask_mid = w_ok[:, None] & c_mask
+    mask_right = (offs_w + 1 < W)[:, None] & c_mask
+    src = src_ptr + b * ss_b + offs_w[:, None] * ss_w + offs_c[None, :] * ss_c
+    dst = dst_ptr + b * ds_b + offs_w[:, None] * ds_w + offs_c[None, :] * ds_c
+    cm = offs_c < C
+    t00 = _tap(w_ptr, offs_c, cm, 0, 0, MIRRORED)
+    t01 = _tap(w_ptr, offs_c, cm, 0, 1, MIRRORED)
+    t02 = _tap(w_ptr, offs_c, cm, 0, 2, MIRRORED)
+    t10 = _tap(w_ptr, offs_c, cm, 1, 0, MIRRORED)
+    t11 = _tap(w_ptr, offs_c, cm, 1, 1, MIRRORED)
+    t12 = _tap(w_ptr, offs_c, cm, 1, 2, MIRRORED)
+    t20 = _tap(w_ptr, offs_c, cm, 2, 0, MIRRORED)
+    t21 = _tap(w_ptr, offs_c, cm, 2, 1, MIRRORED)
+    t22 = _tap(w_ptr, offs_c, cm, 2, 2, MIRRORED)
+    bias = tl.zeros((1, BLOCK_C), dtype=tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_c, mask=c_mask, other=0.).to(tl.float32)[None, :]
-    dst = dst_ptr + b * ds_b + h * ds_h + offs_w[:, None] * ds_w + offs_c[None, :] * ds_c
-    tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=(offs_w < W)[:, None] & c_mask[None, :])
+        bias = tl.load(bias_ptr + offs_c, mask=cm, other=0.).to(tl.float32)[None, :]
+    acc_prev = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # output row r - 1
+    acc_cur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # output row r
+    for k in range(ROWS + 2):
+        r = h0 - 1 + k
+        row = src + r * ss_h
+        row_ok = (r >= 0) & (r < H)
+        v0 = tl.load(row - ss_w, mask=row_ok & mask_left, other=0.).to(tl.float32)
+        v1 = tl.load(row, mask=row_ok & mask_mid, other=0.).to(tl.float32)
+        v2 = tl.load(row + ss_w, mask=row_ok & mask_right, other=0.).to(tl.float32)
+        # Input row r reaches output row r - 1 through tap row 2, r through 1, r + 1 through 0.
+        done = acc_prev + v0 * t20 + v1 * t21 + v2 * t22 + bias
+        out_row = r - 1
+        store_ok = (out_row >= h0) & (out_row < H) & (out_row < h0 + ROWS)
+        tl.store(dst + out_row * ds_h, done.to(dst_ptr.dtype.element_ty),
+                 mask=store_ok & mask_mid)
+        acc_prev = acc_cur + v0 * t10 + v1 * t11 + v2 * t12
+        acc_cur = v0 * t00 + v1 * t01 + v2 * t02
 
 
 @triton.jit
