@@ -79,7 +79,6 @@ def count_flops(model: nn.Module, inputs: Tuple[Any, ...], count_scan: bool = Tr
         analyzer.uncalled_modules_warnings(False)
         by_operator = analyzer.by_operator()
         unsupported = analyzer.unsupported_ops()
-        by_operator.subtract(_block_diagonal_excess(model, analyzer.by_module_and_operator()))
     named = Counter()
     for operator, flops in by_operator.items():
         named[_OPERATOR_NAMES.get(operator, operator)] += flops
@@ -155,24 +154,6 @@ def _traced_selective_scan(u, delta, A, B, C, D=None, *args, **kwargs):
     return _TracedSelectiveScan.apply(
         u, A, u.new_zeros(0) if D is None else D,
         lambda: _selective_scan(u, delta, A, B, C, D, *args, **kwargs))
-
-
-def _block_diagonal_excess(model: nn.Module, by_module: dict) -> Counter:
-    """FLOPs a count over-states in the SS2D mixers, to subtract.
-
-    ``GroupedSS2D`` runs each group's input and output projections as one block-diagonal GEMM
-    over all ``C = G * d`` channels (``bmm``): one launch instead of ``G``, but only the ``G``
-    diagonal ``d x d`` blocks, ``1/G`` of its products, are the model's arithmetic (zeros
-    elsewhere). Counting those blocks keeps the figure the model's, not the kernel layout's.
-    """
-    from mmgroupmamba.models.groupmamba import GroupedSS2D
-
-    excess = Counter()
-    for name, module in model.named_modules():
-        if isinstance(module, GroupedSS2D):
-            executed = by_module.get(name, Counter())['bmm']
-            excess['bmm'] += executed - executed // module.groups
-    return excess
 
 
 def _scan_handle(inputs: List[Any], outputs: List[Any]) -> int:

@@ -150,13 +150,14 @@ class GroupedSS2D(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
         G, d, N, R, L = self.groups, self.group_dims, self.d_state, self.dt_rank, H * W
-        # Channel-major (B, C, L) from the input projection to the output projection: the layout
-        # of the scan and of the depthwise convolution. The two projections change the layout
-        # inside their matmuls, and block-diagonal weights run all groups as one GEMM without
-        # regrouping copies (4x the FLOPs of the grouped product, still small next to the FFN).
-        tokens = x.reshape(B, L, C).transpose(1, 2)
-        u = _shared_bmm(_block_diag(self.in_proj_weight[:, :d]), tokens)
-        z = _shared_bmm(_block_diag(self.in_proj_weight[:, d:]), tokens)
+        # Group-major, channel-major (B, G, d, L) from the input projection to the output
+        # projection: the layout of the scan and of the depthwise convolution, in which every
+        # projection is one batched matmul over the groups. The layout change costs one copy of
+        # the normalised input (fused into the LayerNorm under torch.compile); the output stays a
+        # channel-major view that the elementwise ops after the mixer read in place.
+        tokens = x.reshape(B, L, G, d).permute(0, 2, 3, 1).contiguous()
+        u = torch.matmul(self.in_proj_weight[:, :d], tokens)
+        z = torch.matmul(self.in_proj_weight[:, d:], tokens)
         u = _depthwise_conv(u.view(B, C, H, W), self.conv.weight, self.conv.bias, channel_dim=1)
         u = F.silu(u).view(B, G, d, L)
         x_dbl = torch.matmul(self.x_proj_weight, u)  # (B, G, R + 2N, L)
@@ -167,9 +168,8 @@ class GroupedSS2D(nn.Module):
                   spatial_shape=(H, W))
         y = _group_norm_gate(y.view(B, G, d, L), z.view(B, G, d, L), self.out_norm_weight,
                              self.out_norm_bias, _INNER_NORM_EPS)
-        out = torch.bmm(y.view(B, C, L).transpose(1, 2),
-                        _weight_batch(_block_diag(self.out_proj_weight).t(), y))
-        return out.view(B, H, W, C)
+        out = torch.matmul(self.out_proj_weight, y)  # (B, G, d, L)
+        return out.view(B, C, H, W).permute(0, 2, 3, 1)
 
 
 def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -180,27 +180,6 @@ def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if channel_dim == 1:
         return depthwise_conv2d(x, weight, bias)
     return depthwise_conv2d(x.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
-
-
-def _block_diag(weight: torch.Tensor) -> torch.Tensor:
-    """(G, m, n) per-group weights -> (G * m, G * n) block-diagonal matrix."""
-    return torch.block_diag(*weight.unbind(0))
-
-
-def _shared_bmm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(M, K) @ (B, K, L) -> contiguous (B, M, L). ``torch.matmul`` would return a transposed
-    view here (it folds the batch into the rows of ``x``); a stride-0 batch of the weight keeps
-    the output channel-major without a copy."""
-    return torch.bmm(_weight_batch(weight, x), x)
-
-
-def _weight_batch(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``weight`` (M, K) as a stride-0 batch of ``x.shape[0]`` for ``bmm``. Under autocast the cast
-    comes first: autocast would otherwise cast the expanded view, one copy per image."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        weight = weight.to(torch.get_autocast_dtype(device_type))
-    return weight.expand(x.shape[0], -1, -1)
 
 
 def _scan(u, delta, A, B, C, D, delta_bias, spatial_shape):

@@ -19,7 +19,12 @@ import triton.language as tl
 _TILE = 2048
 _WGRAD_TILE = 512
 _WGRAD_ROWS = 8
-_STENCIL_ROWS = 8
+# Output rows per stencil program: the first of these that leaves _MIN_PROGRAMS programs, else
+# the last. Measured on an H100 over GroupMamba's maps from batch 128 at 224 px down to batch 2 at
+# 800 x 1216 (docs/benchmarks.md): 8 rows beat 1 row by 1.5-2.7x, and 4 rows beat 8 by a few
+# microseconds when 8 leave only a few hundred programs.
+_STENCIL_ROWS = (8, 4)
+_MIN_PROGRAMS = 256
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -62,15 +67,26 @@ def _blocks(x: torch.Tensor, tile: int = _TILE) -> Tuple[int, int]:
 def _stencil(src, weight, bias, dst, mirrored: bool):
     B, C, H, W = src.shape
     block_w, block_c = _blocks(dst)
-    row_blocks = triton.cdiv(H, _STENCIL_ROWS)
+    tiles = triton.cdiv(W, block_w) * triton.cdiv(C, block_c)
+    rows = _stencil_rows(B * tiles, H)
+    row_blocks = triton.cdiv(H, rows)
     # The kernel indexes the taps and bias densely (parameters are; a view might not be).
     has_bias = bias is not None
     weight = weight.contiguous()
     bias = bias.contiguous() if has_bias else src
     _dwconv_stencil_kernel[(B * row_blocks, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
         src, weight, bias, dst, H, W, C, *src.stride(), *dst.stride(), row_blocks,
-        MIRRORED=mirrored, HAS_BIAS=has_bias, ROWS=_STENCIL_ROWS, BLOCK_W=block_w,
+        MIRRORED=mirrored, HAS_BIAS=has_bias, ROWS=rows, BLOCK_W=block_w,
         BLOCK_C=block_c)
+
+
+def _stencil_rows(tiles: int, height: int) -> int:
+    """Output rows per stencil program for ``tiles`` (image, column block, channel block) tiles
+    per image row: more rows load each input row fewer times, fewer give the GPU more programs."""
+    for rows in _STENCIL_ROWS:
+        if tiles * triton.cdiv(height, rows) >= _MIN_PROGRAMS:
+            return rows
+    return _STENCIL_ROWS[-1]
 
 
 @triton.jit

@@ -96,17 +96,26 @@ def test_cuda_model_matches_float64_cpu(arch, size, dtype, torch_compile, monkey
     images = torch.randn(2, 3, *size, dtype=torch.double)
     ref_outs, ref_grads = _outputs_and_grads(reference, images, torch.float32)
     outs, grads = _outputs_and_grads(model, images.float().cuda(), dtype)
-    # bf16 rounds every matmul input and activation along a deep network.
-    # float32 gradients of the randomised tiny model differ from float64 by up to 1.4e-3 per
-    # tensor (4e-4 for all together) on the CPU too: the deep sums round. Under bf16 autocast the
-    # same model on the CPU is off by 0.02-0.16 in its stage maps and up to 0.9 in single
-    # gradients (measured 2026-11-24), so bf16 checks the maps only; the scan's own bf16
-    # gradients are checked in tests/ops/test_selective_scan_cuda.py.
-    out_tol, grad_tol = (1e-4, 1e-2) if dtype == torch.float32 else (1e-1, None)
-    for out, ref in zip(outs, ref_outs):
+    if dtype == torch.float32:
+        # float32 gradients of the randomised tiny model differ from float64 by up to 1.4e-3 per
+        # tensor (4e-4 for all together) on the CPU too: the deep sums round.
+        out_tols, grad_tol = [1e-4] * len(outs), 1e-2
+    else:
+        # bf16 rounds every matmul input and activation along a deep network: PyTorch's own bf16
+        # autocast of the same model on the CPU is off by 0.02-0.16 in the stage maps of the
+        # randomised 'tiny' model and by up to 0.9 in single gradients (measured 2026-11-25). The
+        # CUDA maps may be 1.5x as far off as the CPU's in the same dtype (or 2e-2, a few bf16
+        # roundings, where the CPU's is smaller); gradients are not checked (the scan's own bf16
+        # gradients are, in tests/ops/test_selective_scan_cuda.py).
+        cpu = GroupMamba(arch).train()
+        cpu.load_state_dict(reference.state_dict())
+        cpu_outs, _ = _outputs_and_grads(cpu, images.float(), dtype)
+        out_tols = [max(1.5 * _relative_error(o, r), 2e-2) for o, r in zip(cpu_outs, ref_outs)]
+        grad_tol = None
+    for out, ref, out_tol in zip(outs, ref_outs, out_tols):
         assert out.shape == ref.shape
         error = _relative_error(out, ref)
-        assert error < out_tol, (tuple(out.shape), error)
+        assert error < out_tol, (tuple(out.shape), error, out_tol)
     if grad_tol is None:
         return
     assert set(grads) == set(ref_grads)
