@@ -8,12 +8,11 @@ priced by its handle. Matrix products, linear layers, einsums and convolutions c
 multiply-add; layer and group norms 5 per element (4 without affine), inference batch norm 2 per
 element, bilinear upsampling 4 and nearest upsampling 1 per output element, adaptive average
 pooling 1 per input element; element-wise operators (activations, residual additions, gating
-products, softmax) are free. The SS2D mixers' per-group projections, which the model runs as
-block-diagonal GEMMs over all channels, count only their diagonal blocks. The selective scan, an
-opaque op to the tracer, counts ``9 * B * L * D * N`` for the recurrence plus ``B * D * L`` for
-the ``D`` skip term (the convention of the Mamba and VMamba counters), with ``B`` the batch, ``L =
-H * W`` the tokens, ``D`` the scanned channels (the four direction groups together) and ``N`` the
-state size (1 in GroupMamba). What a task's number covers:
+products, softmax) are free. The selective scan, an opaque op to the tracer, counts
+``9 * B * L * D * N`` for the recurrence plus ``B * D * L`` for the ``D`` skip term (the
+convention of the Mamba and VMamba counters), with ``B`` the batch, ``L = H * W`` the tokens,
+``D`` the scanned channels (the four direction groups together) and ``N`` the state size (1 in
+GroupMamba). What a task's number covers:
 
 - classification: the whole ``GroupMambaClassifier`` (stem, stages, class-token block, both
   heads) on a ``(1, 3, H, W)`` image;
