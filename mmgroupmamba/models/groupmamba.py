@@ -282,7 +282,9 @@ class GroupMambaLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
         affinity = self.channel_affinity(x.mean(dim=(1, 2)))
-        y = self.ssm(x) * self.skip_scale * x
+        # x first: the product takes x's (channels-last) layout, not the mixer output's
+        # channel-major one, so the LayerNorm below reads it without a copy.
+        y = x * self.skip_scale * self.ssm(x)
         y = y * affinity[:, None, None, :]
         return self.proj(self.norm(y))
 
