@@ -3,7 +3,7 @@ import os.path as osp
 import statistics
 import tempfile
 import time
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from mmengine.config import Config
@@ -52,12 +52,12 @@ def _load_config(config: str) -> Config:
         return Config.fromfile(wrapper)
 
 
-def measure_train_iteration(config: str, shape: Tuple[int, int], batch_size: int, amp: bool = False,
-                            warmup: int = 3, steps: int = 10,
-                            device: Optional[str] = None,
-                            cfg_options: Optional[dict] = None) -> Dict[str, Optional[float]]:
-    """Median seconds per ``train_step`` and peak GPU memory (GiB) of ``config``'s model
-    (``cfg_options`` merged into the config first)."""
+def build_train_iteration(config: str, shape: Tuple[int, int], batch_size: int, amp: bool = False,
+                          device: Optional[str] = None, cfg_options: Optional[dict] = None
+                          ) -> Tuple[Callable[[], None], torch.nn.Module, torch.device]:
+    """``(step, model, device)``: ``step()`` runs one ``train_step`` of ``config``'s model
+    (``cfg_options`` merged into the config first) with its optimizer wrapper on one fixed batch
+    of random images and ground truth."""
     cfg = _load_config(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
@@ -83,18 +83,52 @@ def measure_train_iteration(config: str, shape: Tuple[int, int], batch_size: int
     def step():
         model.train_step(data, optim_wrapper)
 
-    for _ in range(warmup):
-        step()
+    return step, model, device
+
+
+def _synchronize(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize()
+
+
+def measure_train_iteration(config: str, shape: Tuple[int, int], batch_size: int, amp: bool = False,
+                            warmup: int = 3, steps: int = 10,
+                            device: Optional[str] = None,
+                            cfg_options: Optional[dict] = None) -> Dict[str, Optional[float]]:
+    """Median seconds per ``train_step`` and peak GPU memory (GiB) of ``config``'s model; arguments
+    as :func:`build_train_iteration`."""
+    step, model, device = build_train_iteration(config, shape, batch_size, amp, device,
+                                                cfg_options)
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else None
     params = sum(p.numel() for p in model.parameters()) / 1e6
     return dict(seconds=statistics.median(times), peak_gib=peak, params_m=params)
+
+
+def profile_train_iteration(config: str, shape: Tuple[int, int], batch_size: int,
+                            amp: bool = False, warmup: int = 3, steps: int = 3,
+                            device: Optional[str] = None, cfg_options: Optional[dict] = None):
+    """A ``torch.profiler`` trace (CPU and CUDA activity) of ``steps`` iterations after ``warmup``
+    untraced ones; arguments as :func:`build_train_iteration`."""
+    step, _, device = build_train_iteration(config, shape, batch_size, amp, device, cfg_options)
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _synchronize(device)
+    return prof

@@ -7,6 +7,7 @@ several timed windows. Inputs are random normal images, never zeros.
 import re
 import statistics
 import time
+from collections import defaultdict
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -167,6 +168,37 @@ def profile_training(model: torch.nn.Module, batch_size: int, warmup: int = 5, s
             step()
         _synchronize(device)
     return prof, timing
+
+
+def profile_summary(prof, steps: int, kernels: int = 25) -> str:
+    """Per-step summary of a ``torch.profiler`` trace of ``steps`` steps with CUDA activity: the
+    kernel time by kind, the most expensive kernels, and the step's wall time (first to last
+    kernel) against its summed kernel time; the difference is launch gaps and host time."""
+    # Device-side events minus the annotations the optimizer and autograd place on the GPU timeline.
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+              and not getattr(e, 'is_user_annotation', False)]
+    if not events:
+        return 'no CUDA kernels in the trace'
+    kernel_ms = sum(e.device_time for e in events) / 1e3 / steps
+    by_kind, by_name = defaultdict(lambda: [0., 0]), defaultdict(lambda: [0., 0])
+    for event in events:
+        for table, key in ((by_kind, kernel_kind(event.name)), (by_name, event.name)):
+            table[key][0] += event.device_time / 1e3 / steps
+            table[key][1] += 1
+    lines = ['kernel time per step by kind:']
+    for kind, (ms, count) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f'  {kind:<20} {ms:8.2f} ms {100 * ms / kernel_ms:5.1f}%  '
+                     f'{count // steps:5d} launches')
+    lines.append(f'top {kernels} kernels per step:')
+    for name, (ms, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:kernels]:
+        lines.append(f'  {ms:7.2f} ms {count // steps:4d}x  {kernel_kind(name):<18} {name[:110]}')
+    scan_ms = by_kind['selective scan'][0]
+    wall_ms = (max(e.time_range.end for e in events)
+               - min(e.time_range.start for e in events)) / 1e3 / steps
+    lines.append(f'per step: {wall_ms:.1f} ms wall (first to last kernel), {kernel_ms:.1f} ms in '
+                 f'{len(events) // steps} kernels ({100 * kernel_ms / wall_ms:.0f}% busy), '
+                 f'scan {scan_ms:.1f} ms ({100 * scan_ms / kernel_ms:.1f}%)')
+    return '\n'.join(lines)
 
 
 def measure_inference(model: torch.nn.Module,

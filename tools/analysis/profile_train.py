@@ -9,11 +9,9 @@ by kind of kernel (GEMM, Inductor's fused kernels, scan, ...), the most expensiv
 step's wall time against its summed kernel time (the difference is launch gaps and host time).
 """
 import argparse
-from collections import defaultdict
-
 import torch
 
-from mmgroupmamba.analysis.speed import kernel_kind, profile_training
+from mmgroupmamba.analysis.speed import profile_summary, profile_training
 from mmgroupmamba.models import GroupMambaClassifier
 from mmgroupmamba.models.groupmamba import COMPILE_MODES
 
@@ -48,28 +46,8 @@ def main():
     events = prof.key_averages()
     print(events.table(sort_by='self_device_time_total', row_limit=args.rows,
                        max_name_column_width=70))
-    # Device-side events minus the annotations the optimizer and autograd place on the GPU timeline.
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and not getattr(e, 'is_user_annotation', False)]
-    kernel_ms = sum(e.device_time for e in kernels) / 1e3 / args.steps
-    by_kind, by_name = defaultdict(lambda: [0., 0]), defaultdict(lambda: [0., 0])
-    for event in kernels:
-        for table, key in ((by_kind, kernel_kind(event.name)), (by_name, event.name)):
-            table[key][0] += event.device_time / 1e3 / args.steps
-            table[key][1] += 1
-    print('\nkernel time per step by kind:')
-    for kind, (ms, count) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
-        print(f'  {kind:<20} {ms:8.2f} ms {100 * ms / kernel_ms:5.1f}%  '
-              f'{count // args.steps:5d} launches')
-    print(f'\ntop {args.kernels} kernels per step:')
-    for name, (ms, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:args.kernels]:
-        print(f'  {ms:7.2f} ms {count // args.steps:4d}x  {kernel_kind(name):<18} {name[:110]}')
-    scan_ms = by_kind['selective scan'][0]
-    start = min(e.time_range.start for e in kernels)
-    end = max(e.time_range.end for e in kernels)
-    print(f'per step: {(end - start) / 1e3 / args.steps:.1f} ms wall (first to last kernel), '
-          f'{kernel_ms:.1f} ms in {len(kernels) // args.steps} kernels, '
-          f'scan {scan_ms:.1f} ms ({100 * scan_ms / kernel_ms:.1f}%)')
+    print()
+    print(profile_summary(prof, args.steps, args.kernels))
     if args.trace:
         prof.export_chrome_trace(args.trace)
 
