@@ -79,8 +79,11 @@ test_evaluator = val_evaluator
 # norms (incl. the stacked SS2D output norms), biases, D and skip_scale. A_log and the dt bias
 # are 2-D in the official model ((d, 1) and (1, d)), so it decays them, and so do we.
 # AMP: fp16 autocast, dynamic loss scale (on a CPU: --cfg-options optim_wrapper.type=OptimWrapper).
+# Parameters that share settings step as one group (MergedGroupsOptimWrapperConstructor): the same
+# update as mmengine's default constructor, without its host time of one group per parameter.
 optim_wrapper = dict(
     type='AmpOptimWrapper',
+    constructor='MergedGroupsOptimWrapperConstructor',
     optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),
     clip_grad=dict(max_norm=5.0),
     paramwise_cfg=dict(

@@ -38,9 +38,12 @@ param_scheduler = [
 
 # No weight decay on normalisation layers (as Swin's recipe; the scan's per-group output norm
 # keeps its affine parameters as raw tensors named out_norm_*), nor on the scan's A_log / D and
-# the layer's skip_scale (as the official GroupMamba training).
+# the layer's skip_scale (as the official GroupMamba training). The parameters that share
+# settings step as one group (MergedGroupsOptimWrapperConstructor): the same update as mmengine's
+# default constructor, without its host time of one group per parameter.
 optim_wrapper = dict(
     type='OptimWrapper',
+    constructor='MergedGroupsOptimWrapperConstructor',
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg=dict(
         norm_decay_mult=0.,

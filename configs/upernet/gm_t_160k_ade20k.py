@@ -24,10 +24,13 @@ model = dict(
 # Swin's optimizer, without weight decay on any norm: norm layers (the backbone's LayerNorms and
 # stem BNs, the heads' SyncBNs) through norm_decay_mult, the SSM's grouped output norm (plain
 # parameters) by name, and, as in GroupMamba's ImageNet training, the SSM's A_log and D and the
-# layers' skip_scale.
+# layers' skip_scale. The parameters that share settings step as one group
+# (MergedGroupsOptimWrapperConstructor): the same update as mmengine's default constructor, without
+# its host time of one group per parameter.
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
+    constructor='MergedGroupsOptimWrapperConstructor',
     optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
     paramwise_cfg=dict(
         norm_decay_mult=0.,

@@ -397,6 +397,11 @@ def _compiled(fn, mode: str = 'default'):
     # torch.compile takes a mode or options, not both: the mode's options plus this one.
     options = dict(torch._inductor.list_mode_options(mode), **{
         'triton.coalesce_tiling_analysis': False})
+    if options.get('triton.cudagraphs'):
+        # CUDA graphs serve a fixed input size (classification, segmentation crops). Once the size
+        # changes (whole-image evaluation, detection) the graph is recompiled for dynamic shapes;
+        # that one runs without graphs rather than recording and keeping one graph per size.
+        options['triton.cudagraph_skip_dynamic_graphs'] = True
     return torch.compile(fn, options=options)
 
 
@@ -500,7 +505,8 @@ class GroupMamba(BaseModule):
         torch_compile (bool | str): run the backbone as one ``torch.compile`` graph on CUDA
             (faster and leaner training and inference; the first steps compile, a few minutes).
             A string names the compile mode (one of ``COMPILE_MODES``); ``'reduce-overhead'``
-            replays CUDA graphs, for fixed input sizes (classification). CPU inputs always run
+            replays CUDA graphs for fixed input sizes (classification, segmentation training on
+            fixed crops; sizes that change run compiled without graphs). CPU inputs always run
             eagerly.
         drop_path_rate (float): stochastic depth, linearly increasing over all blocks.
         init_cfg (dict, optional): e.g.

@@ -7,12 +7,14 @@ groups=C)`` computed in float32 and returned in x's dtype, on NCHW or channels-l
 to the Triton kernels of :mod:`.triton_depthwise_conv` when Triton imports (cuDNN's depthwise
 kernels are slow on channels-last low-precision maps, backward especially), everything else to
 PyTorch's convolution. Like the scan, it is a pair of custom operators with autograd and shape
-functions, so ``torch.compile`` keeps it in its graphs.
+functions, so ``torch.compile`` keeps it in its graphs, and eager calls skip the operator layer.
 """
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ._tracing import traced
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -29,12 +31,38 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     _check_inputs(x, weight, bias)
     if _backend not in (None, 'torch'):
         raise ValueError(f"_backend must be None or 'torch', got {_backend!r}")
-    return _conv_fwd(x, weight, bias, _backend or '')
+    if traced():
+        return _conv_fwd(x, weight, bias, _backend or '')
+    return _EagerDepthwiseConv.apply(x, weight, bias, _backend or '')
+
+
+class _EagerDepthwiseConv(torch.autograd.Function):
+    """The convolution outside tracers: the implementations called directly (see
+    :func:`._tracing.traced`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, backend):
+        ctx.save_for_backward(x, weight)
+        ctx.with_bias = bias is not None
+        ctx.backend = backend
+        return _forward_impl(x, weight, bias, backend)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = _backward_impl(grad_y, x, weight, ctx.with_bias,
+                                                        ctx.backend)
+        return grad_x, grad_weight, grad_bias, None
 
 
 @torch.library.custom_op('mmgroupmamba::depthwise_conv_fwd', mutates_args=())
 def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
               backend: str) -> torch.Tensor:
+    return _forward_impl(x, weight, bias, backend)
+
+
+def _forward_impl(x, weight, bias, backend):
     triton_impl = _triton_for(x, weight, backend)
     with torch.autocast(x.device.type, enabled=False):
         if triton_impl is not None:
@@ -55,6 +83,12 @@ def _conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_
               backend: str) -> List[torch.Tensor]:
     """Returns ``[grad_x, grad_weight, grad_bias]`` in the inputs' dtypes (an empty grad_bias
     without bias)."""
+    grad_x, grad_weight, grad_bias = _backward_impl(grad_y, x, weight, with_bias, backend)
+    return [grad_x, grad_weight, x.new_empty(0) if grad_bias is None else grad_bias]
+
+
+def _backward_impl(grad_y, x, weight, with_bias, backend):
+    """``(grad_x, grad_weight, grad_bias)`` in the inputs' dtypes; grad_bias None without bias."""
     triton_impl = _triton_for(x, weight, backend)
     with torch.autocast(x.device.type, enabled=False):
         if triton_impl is not None:
@@ -67,8 +101,8 @@ def _conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_
                 [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], x.shape[1],
                 [True, True, with_bias])
             grad_x = _like(x, grad_x)
-    grad_bias = grad_bias.to(weight.dtype) if with_bias else x.new_empty(0)
-    return [grad_x, grad_weight.to(weight.dtype), grad_bias]
+    grad_bias = grad_bias.to(weight.dtype) if with_bias else None
+    return grad_x, grad_weight.to(weight.dtype), grad_bias
 
 
 @_conv_bwd.register_fake

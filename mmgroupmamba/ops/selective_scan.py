@@ -15,7 +15,9 @@ The op dispatches on ``u.device``: CUDA tensors go to ``mmgroupmamba.ops.triton_
 ``triton`` and that module import and there are at most 31 groups (otherwise, and for every other
 device, to :mod:`mmgroupmamba.ops.torch_scan`). It is registered as two custom operators
 (``torch.ops.mmgroupmamba.selective_scan_fwd``/``_bwd``) with autograd and shape functions, so
-``torch.compile`` traces through it. Each backend module exposes::
+``torch.compile`` traces through it; eager calls reach the same backend code through a plain
+autograd Function, without the operator layer's host time (see :func:`._tracing.traced`). Each
+backend module exposes::
 
     scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
                  out_dtype) -> (y, saved)
@@ -40,6 +42,7 @@ import torch
 
 from . import torch_scan
 from ._directions import SCAN_DIRECTIONS
+from ._tracing import traced
 
 
 def selective_scan(u: torch.Tensor,
@@ -88,24 +91,65 @@ def selective_scan(u: torch.Tensor,
         B = B.unsqueeze(1).expand(-1, groups, -1, -1)
         C = C.unsqueeze(1).expand(-1, groups, -1, -1)
     out_dtype = u.dtype if out_dtype is None else out_dtype
-    return _scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), list(direction_ids),
-                     list(spatial_shape), out_dtype, _backend or '')[0]
+    if traced():
+        return _scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus),
+                         list(direction_ids), list(spatial_shape), out_dtype, _backend or '')[0]
+    config = (bool(delta_softplus), direction_ids, spatial_shape, _backend or '')
+    return _EagerScan.apply(u, delta, A, B, C, D, delta_bias, config, out_dtype)
+
+
+def _forward_impl(u, delta, A, B, C, D, delta_bias, config, out_dtype):
+    """``(y, saved)`` from the backend for ``u``'s device; ``config`` is ``(delta_softplus,
+    direction ids, spatial shape, backend name)``."""
+    delta_softplus, directions, spatial_shape, backend = config
+    impl = _backend_for(u.device, backend, B.shape[1])
+    # Autocast must not lower the scan's arithmetic; the backends accumulate in float32.
+    with torch.autocast(u.device.type, enabled=False):
+        return impl.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions,
+                                 spatial_shape, out_dtype)
+
+
+def _backward_impl(u, delta, A, B, C, D, delta_bias, config, dy, saved):
+    """``(du, ddelta, dA, dB, dC, dD, ddelta_bias)`` in the inputs' dtypes (None for an absent
+    D or delta_bias)."""
+    delta_softplus, directions, spatial_shape, backend = config
+    impl = _backend_for(u.device, backend, B.shape[1])
+    with torch.autocast(u.device.type, enabled=False):
+        grads = impl.scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions,
+                                   spatial_shape, dy, tuple(saved))
+    return tuple(None if x is None else grad.to(x.dtype)
+                 for grad, x in zip(grads, (u, delta, A, B, C, D, delta_bias)))
+
+
+class _EagerScan(torch.autograd.Function):
+    """The scan outside tracers: the backends called directly (see :func:`._tracing.traced`)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, config, out_dtype):
+        y, saved = _forward_impl(u, delta, A, B, C, D, delta_bias, config, out_dtype)
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, *saved)
+        ctx.config = config
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        u, delta, A, B, C, D, delta_bias, *saved = ctx.saved_tensors
+        grads = _backward_impl(u, delta, A, B, C, D, delta_bias, ctx.config, dy, saved)
+        return (*grads, None, None)
 
 
 # The scan is a pair of custom operators (forward and backward) with registered autograd and
-# shape functions: ``torch.compile`` keeps it inside its graphs (no graph break), and eager mode
-# runs the same code. ``backend`` is '' (by device) or 'torch'.
+# shape functions: ``torch.compile`` keeps it inside its graphs (no graph break); they run the
+# implementations that ``_EagerScan`` runs. ``backend`` is '' (by device) or 'torch'.
 @torch.library.custom_op('mmgroupmamba::selective_scan_fwd', mutates_args=())
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
               C: torch.Tensor, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
               delta_softplus: bool, directions: List[int], spatial_shape: List[int],
               out_dtype: torch.dtype, backend: str) -> List[torch.Tensor]:
     """Returns ``[y, *saved]``."""
-    impl = _backend_for(u.device, backend, B.shape[1])
-    # Autocast must not lower the scan's arithmetic; the backends accumulate in float32.
-    with torch.autocast(u.device.type, enabled=False):
-        y, saved = impl.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus,
-                                     tuple(directions), tuple(spatial_shape), out_dtype)
+    config = (delta_softplus, tuple(directions), tuple(spatial_shape), backend)
+    y, saved = _forward_impl(u, delta, A, B, C, D, delta_bias, config, out_dtype)
     return [y, *saved]
 
 
@@ -127,16 +171,14 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
               backend: str, dy: torch.Tensor, saved: List[torch.Tensor]) -> List[torch.Tensor]:
     """Returns ``[du, ddelta, dA, dB, dC, dD, ddelta_bias]`` in the inputs' dtypes; an absent
     D or delta_bias gets an empty gradient."""
-    impl = _backend_for(u.device, backend, B.shape[1])
-    with torch.autocast(u.device.type, enabled=False):
-        grads = impl.scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus,
-                                   tuple(directions), tuple(spatial_shape), dy, tuple(saved))
+    config = (delta_softplus, tuple(directions), tuple(spatial_shape), backend)
+    grads = _backward_impl(u, delta, A, B, C, D, delta_bias, config, dy, saved)
     out, storages = [], set()
-    for grad, x in zip(grads, (u, delta, A, B, C, D, delta_bias)):
-        if x is None:
+    for grad in grads:
+        if grad is None:
             out.append(u.new_empty(0))
             continue
-        grad = grad.to(x.dtype).contiguous()
+        grad = grad.contiguous()
         # Backends may return several gradients as views of one buffer; operator outputs must
         # not share storage.
         if grad.numel() and grad.untyped_storage().data_ptr() in storages:

@@ -79,6 +79,7 @@ def test_custom_operator_registration():
         compiled = torch.compile(depthwise_conv2d, backend='aot_eager', fullgraph=True)
         inputs = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
         y = compiled(*inputs)
+        assert depthwise_conv2d(x, weight, bias).grad_fn.name() == '_EagerDepthwiseConvBackward'
         traced = [y, *torch.autograd.grad(y, inputs, grad_y)]
         for a, b in zip(traced, eager):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
