@@ -11,6 +11,8 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import MODELS, init_default_scope
 
+from .speed import trace_steps
+
 
 def _detection_batch(batch_size: int, shape: Tuple[int, int], num_classes: int):
     from mmdet.testing import demo_mm_inputs
@@ -123,12 +125,4 @@ def profile_train_iteration(config: str, shape: Tuple[int, int], batch_size: int
     step, _, device = build_train_iteration(config, shape, batch_size, amp, device, cfg_options)
     for _ in range(warmup):
         step()
-    _synchronize(device)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == 'cuda':
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        _synchronize(device)
-    return prof
+    return trace_steps(step, device, steps)

@@ -159,6 +159,12 @@ def profile_training(model: torch.nn.Module, batch_size: int, warmup: int = 5, s
     else:
         for _ in range(warmup):
             step()
+    return trace_steps(step, device, steps), timing
+
+
+def trace_steps(step: Callable[[], None], device: torch.device, steps: int):
+    """A ``torch.profiler`` trace (CPU activity, and CUDA activity on a GPU) of ``steps`` calls
+    of ``step``, from a synchronised start to a synchronised end."""
     _synchronize(device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == 'cuda':
@@ -167,7 +173,7 @@ def profile_training(model: torch.nn.Module, batch_size: int, warmup: int = 5, s
         for _ in range(steps):
             step()
         _synchronize(device)
-    return prof, timing
+    return prof
 
 
 def profile_summary(prof, steps: int, kernels: int = 25) -> str:
