@@ -11,7 +11,7 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import MODELS, init_default_scope
 
-from .speed import trace_steps
+from .speed import _synchronize, trace_steps
 
 
 def _detection_batch(batch_size: int, shape: Tuple[int, int], num_classes: int):
@@ -86,11 +86,6 @@ def build_train_iteration(config: str, shape: Tuple[int, int], batch_size: int, 
         model.train_step(data, optim_wrapper)
 
     return step, model, device
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
 
 
 def measure_train_iteration(config: str, shape: Tuple[int, int], batch_size: int, amp: bool = False,

@@ -9,7 +9,6 @@ by kind of kernel (GEMM, Inductor's fused kernels, scan, ...), the most expensiv
 step's wall time against its summed kernel time (the difference is launch gaps and host time).
 """
 import argparse
-import torch
 
 from mmgroupmamba.analysis.speed import profile_summary, profile_training
 from mmgroupmamba.models import GroupMambaClassifier
