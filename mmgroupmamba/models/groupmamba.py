@@ -402,6 +402,10 @@ def _compiled(fn, mode: str = 'default'):
         # changes (whole-image evaluation, detection) the graph is recompiled for dynamic shapes;
         # that one runs without graphs rather than recording and keeping one graph per size.
         options['triton.cudagraph_skip_dynamic_graphs'] = True
+        # One graph for the whole step: Inductor's graph partitions (split around operators such
+        # as the scan's backward) leave the tensors of a list-returning custom operator untracked
+        # in the graph pool, and the first backward fails (torch 2.11).
+        options['graph_partition'] = False
     return torch.compile(fn, options=options)
 
 

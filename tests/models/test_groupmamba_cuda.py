@@ -169,3 +169,33 @@ def test_cuda_graph_replays_match_default_compile():
         results.append([out.clone() for out in outs] + [g.clone() for g in grads])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+def test_cuda_graph_training_then_inference_at_changing_sizes():
+    """The segmentation pattern under ``'reduce-overhead'``: optimizer steps on fixed crops
+    (replayed graphs; the stem's BatchNorm statistics update inside them), then evaluation at
+    sizes that change from image to image (graphs skipped for the dynamic recompilation); the
+    weights and the maps match the eager model's."""
+    torch.manual_seed(0)
+    models = [randomize(GroupMamba(ARCH, torch_compile=mode)).cuda()
+              for mode in (False, 'reduce-overhead')]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9) for m in models]
+    crops = [torch.randn(2, 3, 64, 96, device='cuda') for _ in range(4)]
+    for model, optimizer in zip(models, optimizers):
+        model.train()
+        for crop in crops:
+            loss = sum((out.float() ** 2).mean() for out in model(crop))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    for size in ((64, 96), (80, 112), (96, 64), (72, 136)):
+        image = torch.randn(1, 3, *size, device='cuda')
+        with torch.no_grad():
+            outs = [[out.clone() for out in m.eval()(image)] for m in models]
+        for a, b in zip(*outs):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
