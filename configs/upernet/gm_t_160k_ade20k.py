@@ -17,6 +17,11 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         # Swin's UperNet configs use 0.3 for T, S and B alike.
         drop_path_rate=0.3,
+        # On CUDA the backbone runs as one compiled graph replayed as CUDA graphs on the fixed
+        # 512x512 crops (evaluation's changing sizes run compiled without graphs): a batch-2
+        # iteration is host-bound otherwise. The first iterations (and the first evaluation)
+        # compile for a few minutes. False runs it eagerly; CPU runs are always eager.
+        torch_compile='reduce-overhead',
         init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
     decode_head=dict(in_channels=[64, 128, 348, 448], channels=512, num_classes=150),
     auxiliary_head=dict(in_channels=348, in_index=2, channels=256, num_classes=150))

@@ -172,11 +172,13 @@ def test_cuda_graph_replays_match_default_compile():
 
 
 @requires_cuda
-def test_cuda_graph_training_then_inference_at_changing_sizes():
+def test_cuda_graph_training_then_inference_at_changing_sizes(monkeypatch):
     """The segmentation pattern under ``'reduce-overhead'``: optimizer steps on fixed crops
     (replayed graphs; the stem's BatchNorm statistics update inside them), then evaluation at
     sizes that change from image to image (graphs skipped for the dynamic recompilation); the
-    weights and the maps match the eager model's."""
+    weights, BatchNorm statistics and maps match the eager model's."""
+    # TF32 convolutions (cuDNN's default) would differ by ~1e-3 between the two models' algorithms.
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     torch.manual_seed(0)
     models = [randomize(GroupMamba(ARCH, torch_compile=mode)).cuda()
               for mode in (False, 'reduce-overhead')]
@@ -190,12 +192,14 @@ def test_cuda_graph_training_then_inference_at_changing_sizes():
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-    for a, b in zip(*(m.parameters() for m in models)):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    states = [m.state_dict() for m in models]
+    for name, tensor in states[0].items():
+        if tensor.is_floating_point():
+            assert _relative_error(states[1][name], tensor) < 1e-4, name
     for size in ((64, 96), (80, 112), (96, 64), (72, 136)):
         image = torch.randn(1, 3, *size, device='cuda')
         with torch.no_grad():
             outs = [[out.clone() for out in m.eval()(image)] for m in models]
         for a, b in zip(*outs):
             assert a.shape == b.shape
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+            assert _relative_error(b, a) < 1e-4, (size, tuple(a.shape))

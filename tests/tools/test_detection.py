@@ -67,6 +67,42 @@ def _pth_files(work_dir):
         if osp.isdir(work_dir) else []
 
 
+@pytest.mark.parametrize('name, arch, dims, drop_path_rate', [
+    ('gm_t_1x_coco.py', 'tiny', [64, 128, 348, 448], 0.2),
+    ('gm_s_1x_coco.py', 'small', [64, 128, 348, 512], 0.3),
+    ('gm_b_1x_coco.py', 'base', [96, 192, 424, 512], 0.3),
+])
+def test_1x_configs_follow_swin_mask_rcnn_recipe(name, arch, dims, drop_path_rate):
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'mask_rcnn', name))
+    backbone = cfg.model.backbone
+    assert (backbone.type, backbone.arch, backbone.out_indices) == ('GroupMamba', arch,
+                                                                    (0, 1, 2, 3))
+    assert backbone.drop_path_rate == drop_path_rate and backbone.torch_compile is True
+    assert backbone.init_cfg == dict(type='Pretrained', checkpoint=cfg.pretrained,
+                                     prefix='backbone.')
+    assert cfg.pretrained == f'checkpoints/groupmamba_{arch}_backbone.pth'
+    assert cfg.model.type == 'MaskRCNN' and cfg.model.neck.in_channels == dims
+    optimizer = cfg.optim_wrapper.optimizer
+    assert (optimizer.type, optimizer.lr, tuple(optimizer.betas), optimizer.weight_decay) == (
+        'AdamW', 1e-4, (0.9, 0.999), 0.05)
+    assert cfg.optim_wrapper.paramwise_cfg.norm_decay_mult == 0.
+    warmup, steps = cfg.param_scheduler
+    assert (warmup.type, warmup.end, warmup.by_epoch) == ('LinearLR', 1000, False)
+    assert (steps.type, steps.milestones, steps.gamma) == ('MultiStepLR', [8, 11], 0.1)
+    assert cfg.train_cfg.max_epochs == 12 and cfg.train_dataloader.batch_size == 2
+    assert cfg.auto_scale_lr.base_batch_size == 16
+    resize = next(t for t in cfg.train_pipeline if t.type == 'Resize')
+    assert tuple(resize.scale) == (1333, 800)
+    assert {m for m in cfg.val_evaluator.metric} == {'bbox', 'segm'}
+    assert 'mmgroupmamba' in cfg.custom_imports.imports
+
+
+def test_toy_config_runs_eagerly():
+    from mmengine.config import Config
+    assert Config.fromfile(TOY_CONFIG).model.backbone.torch_compile is False
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     """Data, a tiny config and a one-epoch checkpoint; shared by the tests below."""

@@ -34,6 +34,7 @@ def test_160k_configs_follow_swin_upernet_recipe(name, arch, dims):
     model = cfg.model
     assert model.backbone.type == 'GroupMamba' and model.backbone.arch == arch
     assert model.backbone.drop_path_rate == 0.3
+    assert model.backbone.torch_compile == 'reduce-overhead'  # CUDA graphs on the fixed crops
     assert model.backbone.init_cfg == dict(type='Pretrained', checkpoint=cfg.pretrained,
                                            prefix='backbone.')
     assert cfg.pretrained == f'checkpoints/groupmamba_{arch}_backbone.pth'
@@ -59,11 +60,11 @@ def test_160k_configs_follow_swin_upernet_recipe(name, arch, dims):
     assert 'mmgroupmamba' in cfg.custom_imports.imports
 
 
-def test_toy_config_only_shrinks_data_schedule_and_norms():
+def test_toy_config_only_shrinks_data_schedule_norms_and_compile():
     full = Config.fromfile(osp.join(CONFIGS, 'gm_t_160k_ade20k.py'))
     toy = Config.fromfile(TOY_CONFIG)
     assert toy.model.decode_head.norm_cfg.type == toy.model.auxiliary_head.norm_cfg.type == 'BN'
-    assert toy.model.backbone.init_cfg is None
+    assert toy.model.backbone.init_cfg is None and toy.model.backbone.torch_compile is False
     assert tuple(toy.model.data_preprocessor.size) == (64, 64)
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         assert toy[loader].dataset.data_root == 'data/toy_ade20k'
@@ -71,7 +72,7 @@ def test_toy_config_only_shrinks_data_schedule_and_norms():
     for key in ('backbone', 'decode_head', 'auxiliary_head'):
         a, b = dict(full.model[key]), dict(toy.model[key])
         for d in (a, b):
-            d.pop('norm_cfg', None), d.pop('init_cfg', None)
+            d.pop('norm_cfg', None), d.pop('init_cfg', None), d.pop('torch_compile', None)
         assert a == b, key
     assert toy.optim_wrapper == full.optim_wrapper
     assert toy.tta_model == full.tta_model and toy.tta_pipeline == full.tta_pipeline
