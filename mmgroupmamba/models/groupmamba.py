@@ -381,6 +381,8 @@ class GroupMambaBlock(nn.Module):
 
 # torch.compile modes ``torch_compile`` may name; True means 'default'.
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+# Devices whose inputs run the compiled backbone; others run it eagerly.
+_COMPILED_DEVICES = ('cuda', )
 
 
 @functools.lru_cache(maxsize=None)
@@ -574,9 +576,16 @@ class GroupMamba(BaseModule):
 
     def _run_features(self, x: torch.Tensor, num_stages: int,
                       norm_last: bool) -> List[torch.Tensor]:
-        if self.torch_compile and x.is_cuda:
+        if self.torch_compile and x.device.type in _COMPILED_DEVICES:
             mode = 'default' if self.torch_compile is True else self.torch_compile
-            return _compiled(GroupMamba._features, mode)(self, x, num_stages, norm_last)
+            try:
+                return _compiled(GroupMamba._features, mode)(self, x, num_stages, norm_last)
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                cause = getattr(error, 'inner_exception', error)
+                raise RuntimeError(
+                    f'compiling the GroupMamba backbone (torch_compile={self.torch_compile!r}) '
+                    f'failed: {cause!r}. Set torch_compile=False to run it eagerly (in a '
+                    'config: --cfg-options model.backbone.torch_compile=False).') from error
         return self._features(x, num_stages, norm_last)
 
     def _features(self, x: torch.Tensor, num_stages: int, norm_last: bool) -> List[torch.Tensor]:

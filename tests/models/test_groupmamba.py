@@ -308,6 +308,27 @@ def test_misconfiguration_is_refused(kwargs, error, match):
         GroupMamba(**{'arch': ARCH, **kwargs})
 
 
+def test_failed_compilation_names_the_eager_switch(monkeypatch):
+    """A backend that cannot compile (no C compiler, an Inductor bug) stops with the setting
+    that runs the backbone eagerly; the original error stays attached."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from mmgroupmamba.models import groupmamba
+
+    def failing(fn, mode):
+        def call(*args):
+            raise BackendCompilerFailed(print, OSError('no C compiler found'), None)
+        return call
+
+    monkeypatch.setattr(groupmamba, '_COMPILED_DEVICES', ('cpu', ))
+    monkeypatch.setattr(groupmamba, '_compiled', failing)
+    model = GroupMamba(ARCH, torch_compile='reduce-overhead')
+    with pytest.raises(RuntimeError, match='torch_compile=False') as info:
+        model(torch.randn(1, 3, 32, 32))
+    assert 'no C compiler found' in str(info.value)
+    assert isinstance(info.value.__cause__, BackendCompilerFailed)
+
+
 def test_wrong_input_channels_are_refused():
     model = GroupMamba(ARCH)
     with pytest.raises(ValueError, match=r'\(B, 3, H, W\).*\(1, 4, 32, 32\)'):
