@@ -397,8 +397,11 @@ def _compiled(fn, mode: str = 'default'):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     # Inductor's coalescing analysis trips an internal assertion on the stage graphs (torch 2.11).
     # torch.compile takes a mode or options, not both: the mode's options plus this one.
+    # Layout optimisation (channels-last around the convolutions) asks for stride orders of
+    # views in terms of the symbolic sizes, which Inductor cannot compare once the image size
+    # changes ("cannot determine truth value of Relational", torch 2.13).
     options = dict(torch._inductor.list_mode_options(mode), **{
-        'triton.coalesce_tiling_analysis': False})
+        'triton.coalesce_tiling_analysis': False, 'layout_optimization': False})
     if options.get('triton.cudagraphs'):
         # CUDA graphs serve a fixed input size (classification, segmentation crops). Once the size
         # changes (whole-image evaluation, detection) the graph is recompiled for dynamic shapes;
