@@ -25,11 +25,6 @@ model = dict(
         arch='tiny',
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.2,
-        # On CUDA the backbone runs as one compiled graph (its pointwise work fused), with dynamic
-        # shapes once the image size changes. The first iterations, the first size change and
-        # the first evaluation compile for a few minutes each. False runs it eagerly; CPU runs
-        # are always eager.
-        torch_compile=True,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
     neck=dict(in_channels=[64, 128, 348, 448]))
 

@@ -587,8 +587,9 @@ class GroupMamba(BaseModule):
                 cause = getattr(error, 'inner_exception', error)
                 raise RuntimeError(
                     f'compiling the GroupMamba backbone (torch_compile={self.torch_compile!r}) '
-                    f'failed: {cause!r}. Set torch_compile=False to run it eagerly (in a '
-                    'config: --cfg-options model.backbone.torch_compile=False).') from error
+                    f'failed with {type(cause).__name__}: {cause}. Set torch_compile=False to '
+                    'run it eagerly (in a config: --cfg-options '
+                    'model.backbone.torch_compile=False).') from error
         return self._features(x, num_stages, norm_last)
 
     def _features(self, x: torch.Tensor, num_stages: int, norm_last: bool) -> List[torch.Tensor]:

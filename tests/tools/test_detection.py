@@ -78,7 +78,8 @@ def test_1x_configs_follow_swin_mask_rcnn_recipe(name, arch, dims, drop_path_rat
     backbone = cfg.model.backbone
     assert (backbone.type, backbone.arch, backbone.out_indices) == ('GroupMamba', arch,
                                                                     (0, 1, 2, 3))
-    assert backbone.drop_path_rate == drop_path_rate and backbone.torch_compile is True
+    # Eager: compiled training recompiles at every new image size (see the README).
+    assert backbone.drop_path_rate == drop_path_rate and not backbone.get('torch_compile')
     assert backbone.init_cfg == dict(type='Pretrained', checkpoint=cfg.pretrained,
                                      prefix='backbone.')
     assert cfg.pretrained == f'checkpoints/groupmamba_{arch}_backbone.pth'
@@ -96,11 +97,6 @@ def test_1x_configs_follow_swin_mask_rcnn_recipe(name, arch, dims, drop_path_rat
     assert tuple(resize.scale) == (1333, 800)
     assert {m for m in cfg.val_evaluator.metric} == {'bbox', 'segm'}
     assert 'mmgroupmamba' in cfg.custom_imports.imports
-
-
-def test_toy_config_runs_eagerly():
-    from mmengine.config import Config
-    assert Config.fromfile(TOY_CONFIG).model.backbone.torch_compile is False
 
 
 @pytest.fixture(scope='module')
