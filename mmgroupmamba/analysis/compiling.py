@@ -1,0 +1,94 @@
+"""Does the compiled backbone follow changing image sizes? Graphs compiled per size, and the
+compiled results against eager ones.
+
+Detection trains at a new padded image size nearly every iteration. A compiled backbone suits it
+only if, after the first size change, one dynamic-shape graph serves every later size. This
+runs the backbone's compiled function (the one ``torch_compile`` uses) at a list of sizes, in
+training (forward and backward) or inference, and per size reports the graphs compiled, the
+time of the call (compilation included) and the relative error of its outputs (and gradients)
+against the eager backbone with the same weights.
+"""
+import math
+import random
+import time
+from typing import Dict, List, Sequence, Tuple, Union
+
+import torch
+from torch._dynamo.utils import counters
+
+from ..models.groupmamba import GroupMamba, _compiled
+
+
+def detection_sizes(count: int, seed: int = 0, scale: Tuple[int, int] = (1333, 800),
+                    divisor: int = 32) -> List[Tuple[int, int]]:
+    """``count`` distinct (H, W) batch sizes as mmdet's COCO pipeline makes them: images of random
+    aspect resized to fit ``scale`` keeping their ratio, padded to a multiple of ``divisor``."""
+    rng = random.Random(seed)
+    long_side, short_side = max(scale), min(scale)
+    sizes: List[Tuple[int, int]] = []
+    for _ in range(100 * count):
+        if len(sizes) == count:
+            break
+        h, w = rng.randint(240, 1000), rng.randint(240, 1000)
+        ratio = min(long_side / max(h, w), short_side / min(h, w))
+        size = tuple(math.ceil(round(s * ratio) / divisor) * divisor for s in (h, w))
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def _relative_error(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
+    # Scalars (skip_scale's gradients) are single sums whose terms cancel: rounding, not signal.
+    errors = [((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
+              for a, e in zip(actual, expected) if e.numel() > 1]
+    return max(errors, default=0.)
+
+
+def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, int]], *,
+                            batch_size: int = 1, train: bool = True, device: str = 'cpu',
+                            mode: str = 'default', backend: str = 'inductor',
+                            seed: int = 0) -> List[Dict[str, object]]:
+    """One row per size: ``size``, ``graphs`` (graphs compiled by this call), ``seconds`` (of the
+    compiled call, compilation included), ``output_error`` and, when training,
+    ``gradient_error`` (largest relative error of a map / of a non-scalar parameter's gradient).
+
+    ``backend='inductor'`` runs the backbone's own compiled function in ``mode``; another
+    ``torch.compile`` backend (``'aot_eager'``) checks tracing alone, fast.
+    """
+    torch.manual_seed(seed)
+    model = GroupMamba(arch).to(device).train(train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if backend == 'inductor':
+        compiled = _compiled(GroupMamba._features, mode)
+    else:
+        compiled = torch.compile(GroupMamba._features, backend=backend)
+    num_stages = len(model.stages)
+
+    def run(features, x):
+        with torch.set_grad_enabled(train):
+            outs = features(model, x, num_stages, True)
+            if not train:
+                return [out.detach() for out in outs], []
+            # A fixed projection, not a norm: LayerNorm'd maps have a nearly constant norm, whose
+            # gradients would be rounding noise.
+            loss = sum((out.float() * torch.cos(torch.arange(out.numel(), device=out.device,
+                                                             dtype=torch.float32)
+                                                .view(out.shape))).sum() for out in outs)
+            return [out.detach() for out in outs], list(torch.autograd.grad(loss, params))
+
+    rows = []
+    for size in sizes:
+        x = torch.randn(batch_size, model.in_channels, *size, device=device)
+        expected_outs, expected_grads = run(GroupMamba._features, x)
+        graphs = counters['stats']['unique_graphs']
+        start = time.perf_counter()
+        outs, grads = run(compiled, x)
+        if device != 'cpu':
+            torch.cuda.synchronize(device)
+        row = dict(size=tuple(size), graphs=counters['stats']['unique_graphs'] - graphs,
+                   seconds=time.perf_counter() - start,
+                   output_error=_relative_error(outs, expected_outs))
+        if train:
+            row['gradient_error'] = _relative_error(grads, expected_grads)
+        rows.append(row)
+    return rows
