@@ -17,6 +17,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from ..models.groupmamba import GroupMamba, _compiled
+from .speed import _synchronize
 
 
 def detection_sizes(count: int, seed: int = 0, scale: Tuple[int, int] = (1333, 800),
@@ -56,6 +57,7 @@ def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, i
     ``torch.compile`` backend (``'aot_eager'``) checks tracing alone, fast.
     """
     torch.manual_seed(seed)
+    device = torch.device(device)
     model = GroupMamba(arch).to(device).train(train)
     params = [p for p in model.parameters() if p.requires_grad]
     if backend == 'inductor':
@@ -83,8 +85,7 @@ def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, i
         graphs = counters['stats']['unique_graphs']
         start = time.perf_counter()
         outs, grads = run(compiled, x)
-        if device != 'cpu':
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         row = dict(size=tuple(size), graphs=counters['stats']['unique_graphs'] - graphs,
                    seconds=time.perf_counter() - start,
                    output_error=_relative_error(outs, expected_outs))

@@ -395,8 +395,8 @@ def _compiled(fn, mode: str = 'default'):
     its own would make the stages' different sizes look like one changing, dynamic shape.)"""
     limit = 64
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    # torch.compile takes a mode or options, not both: the mode's options plus these two.
     # Inductor's coalescing analysis trips an internal assertion on the stage graphs (torch 2.11).
-    # torch.compile takes a mode or options, not both: the mode's options plus this one.
     # Layout optimisation (channels-last around the convolutions) asks for stride orders of
     # views in terms of the symbolic sizes, which Inductor cannot compare once the image size
     # changes ("cannot determine truth value of Relational", torch 2.13).

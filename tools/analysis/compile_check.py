@@ -15,7 +15,7 @@ from mmgroupmamba.analysis.compiling import check_compiled_backbone, detection_s
 from mmgroupmamba.models.groupmamba import COMPILE_MODES
 
 ONE_BLOCK_ARCH = dict(embed_dims=(64, 128, 348, 448), depths=(1, 1, 1, 1), stem_channels=32,
-                  mlp_ratios=(8, 8, 4, 4))
+                      mlp_ratios=(8, 8, 4, 4))
 
 
 def _size(text: str):
