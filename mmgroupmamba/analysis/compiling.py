@@ -11,7 +11,7 @@ against the eager backbone with the same weights.
 import math
 import random
 import time
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch._dynamo.utils import counters
@@ -47,14 +47,16 @@ def _relative_error(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
 
 def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, int]], *,
                             batch_size: int = 1, train: bool = True, device: str = 'cpu',
-                            mode: str = 'default', backend: str = 'inductor',
-                            seed: int = 0) -> List[Dict[str, object]]:
+                            mode: str = 'default', backend: str = 'inductor', seed: int = 0,
+                            on_row: Optional[Callable[[Dict[str, object]], None]] = None
+                            ) -> List[Dict[str, object]]:
     """One row per size: ``size``, ``graphs`` (graphs compiled by this call), ``seconds`` (of the
     compiled call, compilation included), ``output_error`` and, when training,
     ``gradient_error`` (largest relative error of a map / of a non-scalar parameter's gradient).
 
     ``backend='inductor'`` runs the backbone's own compiled function in ``mode``; another
-    ``torch.compile`` backend (``'aot_eager'``) checks tracing alone, fast.
+    ``torch.compile`` backend (``'aot_eager'``) checks tracing alone, fast. ``on_row`` receives
+    each row as soon as it is measured (compilation can take minutes per size).
     """
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -92,4 +94,6 @@ def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, i
         if train:
             row['gradient_error'] = _relative_error(grads, expected_grads)
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows

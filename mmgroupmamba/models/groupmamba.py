@@ -23,6 +23,7 @@ from mmseg.registry import MODELS as MMSEG_MODELS
 from timm.layers import DropPath
 
 from ..ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
+from ..ops.opaque_conv import opaque_conv2d
 
 # Variants of the paper. Channels per stage, blocks per stage, width of the stem convolutions and
 # FFN expansion per stage.
@@ -395,13 +396,16 @@ def _compiled(fn, mode: str = 'default'):
     its own would make the stages' different sizes look like one changing, dynamic shape.)"""
     limit = 64
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    # torch.compile takes a mode or options, not both: the mode's options plus these two.
+    # torch.compile takes a mode or options, not both: the mode's options plus these.
     # Inductor's coalescing analysis trips an internal assertion on the stage graphs (torch 2.11).
     # Layout optimisation (channels-last around the convolutions) asks for stride orders of
     # views in terms of the symbolic sizes, which Inductor cannot compare once the image size
     # changes ("cannot determine truth value of Relational", torch 2.13).
+    # Mixed-order reductions (a LayerNorm backward's row and column sums in one kernel) fail to
+    # split their ranges once the sizes are symbolic ("CantSplit", torch 2.11).
     options = dict(torch._inductor.list_mode_options(mode), **{
-        'triton.coalesce_tiling_analysis': False, 'layout_optimization': False})
+        'triton.coalesce_tiling_analysis': False, 'layout_optimization': False,
+        'triton.mix_order_reduction': False})
     if options.get('triton.cudagraphs'):
         # CUDA graphs serve a fixed input size (classification, segmentation crops). Once the size
         # changes (whole-image evaluation, detection) the graph is recompiled for dynamic shapes;
@@ -441,7 +445,15 @@ class Downsample(nn.Module):
         self.norm = nn.LayerNorm(embed_dims, eps=_INNER_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        return self.norm(_dense_conv(self.proj, x).permute(0, 2, 3, 1))
+
+
+def _dense_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``; while compiling, as an opaque operator (see ``ops.opaque_conv``): Inductor's
+    own lowering of its backward would specialise the graph on the image size."""
+    if torch.compiler.is_compiling():
+        return opaque_conv2d(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0])
+    return conv(x)
 
 
 class ConvBNReLU(nn.Sequential):
@@ -453,6 +465,9 @@ class ConvBNReLU(nn.Sequential):
                               padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(_dense_conv(self.conv, x)))
 
 
 class Stem(Downsample):

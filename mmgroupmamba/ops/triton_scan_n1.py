@@ -6,7 +6,8 @@ contiguous along the sequence, so loads and stores are coalesced along ``L``, an
 registers between chunks. One program owns ``BLOCK_D`` channels of one channel group of one image;
 the channel block never crosses a group, so ``B``/``C`` load once per chunk as a ``[1, BLOCK_T]`` row.
 Each chunk's loads are issued one iteration ahead (a register prefetch), so that memory streams
-while the previous chunk is scanned.
+while the previous chunk is scanned; a program of a single chunk (``PREFETCH`` off) skips it and
+holds fewer registers, so that more programs share an SM.
 
 Forward stores the state at the start of every chunk (``(batch * dim, chunks)`` float32); backward
 walks the chunks last to first, recomputes the chunk's states from the saved start (its chunk is a
@@ -37,6 +38,15 @@ _WARPS = 4
 _LONG_L = 4096
 _LONG_BWD_T = 1024
 _LONG_BWD_WARPS = 8
+# Sequences of at most _SHORT_T steps (one chunk: the later stages of classification) are
+# latency-bound: a program loads, scans and stores once, and large tiles hold so many registers
+# (255 per thread in backward at 1024 elements) that few programs share an SM. A sweep on an
+# H200 (tools/analysis/sweep_scan_tiles.py, docs/benchmarks.md) put one-warp programs first at
+# L = 49 and 196: forward tiles of 128 (or one row of) elements, backward tiles of two channels;
+# forward 1.2-1.7x, backward 1.4-1.6x faster than 1024-element tiles of 4 warps.
+_SHORT_T = 256
+_SHORT_FWD_TILE = 128
+_SHORT_BWD_D = 2
 # Below this many programs the GPU idles; channel blocks shrink towards one channel to reach it.
 # Backward's programs are heavier, and more of them hide its latency better.
 _FWD_MIN_PROGRAMS = 512
@@ -53,6 +63,11 @@ class LaunchConfig(NamedTuple):
 def plan(batch: int, dim_per_group: int, groups: int, L: int) -> Tuple[LaunchConfig, LaunchConfig]:
     """Forward and backward launch geometry for one call shape (powers of two only)."""
     fwd_t = min(max(16, triton.next_power_of_2(L)), _MAX_T)
+    if L <= min(_SHORT_T, _MAX_T):
+        # One chunk per program: small one-warp tiles, many programs resident per SM.
+        most = triton.next_power_of_2(dim_per_group)
+        return (LaunchConfig(min(most, max(1, _SHORT_FWD_TILE // fwd_t)), fwd_t, 1),
+                LaunchConfig(min(most, _SHORT_BWD_D), fwd_t, 1))
     bwd_t, bwd_warps = (_LONG_BWD_T, _LONG_BWD_WARPS) if L >= _LONG_L else (fwd_t, _WARPS)
     bwd_t = max(bwd_t, fwd_t)
     return (LaunchConfig(_block_d(batch, dim_per_group, groups, _TILE // fwd_t, _FWD_MIN_PROGRAMS),
@@ -96,7 +111,7 @@ def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatia
         L, H, W, n_chunks, dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, BLOCK_D=cfg.block_d,
-        BLOCK_T=cfg.block_t, num_warps=cfg.warps)
+        BLOCK_T=cfg.block_t, PREFETCH=n_chunks > 1, num_warps=cfg.warps)
     return y, states
 
 
@@ -136,7 +151,7 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
         dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, ATOMIC_BC=atomic_bc,
-        BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, num_warps=cfg.warps)
+        BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, PREFETCH=n_chunks > 1, num_warps=cfg.warps)
     dA = param_grads[0].unsqueeze(1)
     dD = None if D is None else param_grads[1]
     ddelta_bias = None if delta_bias is None else param_grads[2]
@@ -204,7 +219,7 @@ def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
                         bc_stride_b, bc_stride_g,
                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                         ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_T: tl.constexpr):
+                        BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr):
     # L is a multiple of VEC (the caller checked): saying so lets the compiler prove rows
     # 16-byte aligned, hence vectorised loads, without specialising on L itself.
     L = (L // VEC) * VEC
@@ -223,9 +238,10 @@ def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
     for chunk in range(0, n_chunks):
         # The next chunk's loads go out before this chunk's scan, so memory never waits on it.
         u, raw, Bt, Ct = u_next, raw_next, B_next, C_next
-        u_next, raw_next, B_next, C_next = _load_fwd_chunk(
-            u_ptr, delta_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, chunk + 1, L, H, W,
-            direction, ROW_MAJOR, BLOCK_T)
+        if PREFETCH:
+            u_next, raw_next, B_next, C_next = _load_fwd_chunk(
+                u_ptr, delta_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, chunk + 1, L, H, W,
+                direction, ROW_MAJOR, BLOCK_T)
         tl.store(state_ptr + rows * n_chunks + chunk, h, mask=d_mask)
         t = chunk * BLOCK_T + lane
         s = token_index(t, L, H, W, direction, ROW_MAJOR)
@@ -289,7 +305,7 @@ def _scan_n1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
                         bc_stride_b, bc_stride_g,
                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                         ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, ATOMIC_BC: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+                        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr):
     L = (L // VEC) * VEC
     g, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
         dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr,
@@ -314,9 +330,10 @@ def _scan_n1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
         chunk = n_chunks - 1 - k
         # The previous chunk's loads go out before this chunk's scans (prefetch in registers).
         u, raw, dy, Bt, Ct, raw1 = u_next, raw_next, dy_next, B_next, C_next, raw1_next
-        u_next, raw_next, dy_next, B_next, C_next, raw1_next = _load_bwd_chunk(
-            u_ptr, delta_ptr, dy_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, chunk - 1, L,
-            H, W, direction, ROW_MAJOR, BLOCK_T)
+        if PREFETCH:
+            u_next, raw_next, dy_next, B_next, C_next, raw1_next = _load_bwd_chunk(
+                u_ptr, delta_ptr, dy_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, chunk - 1, L,
+                H, W, direction, ROW_MAJOR, BLOCK_T)
         t = chunk * BLOCK_T + lane
         t_mask = t < L
         s = token_index(t, L, H, W, direction, ROW_MAJOR)

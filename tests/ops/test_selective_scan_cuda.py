@@ -225,3 +225,20 @@ def test_saved_shapes_match_the_launch_plans():
             else:
                 tile = triton_scan._Tile(2, 8, 4, N, L, triton_scan._FWD_TILE)
                 assert shape == (2, 8, tile.chunks, N), (L, N)
+
+
+def test_launch_plans_are_consistent():
+    """Power-of-two tiles inside the group; backward cuts where forward saved its states; short
+    sequences (one chunk) run in one-warp programs."""
+    for dim_per_group in (1, 16, 87, 112):
+        for L in list(range(1, 600, 7)) + [784, 3136, 4096, 12544]:
+            fwd, bwd = triton_scan_n1.plan(128, dim_per_group, 4, L)
+            for cfg in (fwd, bwd):
+                for value in cfg:
+                    assert value & (value - 1) == 0, (L, cfg)
+                assert cfg.block_d <= triton.next_power_of_2(dim_per_group), (L, cfg)
+            assert bwd.block_t % fwd.block_t == 0, (L, fwd, bwd)
+            if L <= 256:
+                assert fwd.block_t >= L and fwd.warps == bwd.warps == 1, (L, fwd, bwd)
+            else:
+                assert fwd.warps >= 4, (L, fwd)

@@ -7,10 +7,12 @@
 
 Each iteration is the runner's own ``model.train_step`` with the config's optimizer wrapper
 (AmpOptimWrapper with --amp) on random images with random ground truth. Pretrained checkpoints
-are not loaded (the weights do not change the time). SyncBN becomes BN on one process.
+are not loaded (the weights do not change the time). SyncBN becomes BN on one process. A backbone
+with ``torch_compile`` compiles during the warm-up steps.
 """
 import argparse
 
+import torch
 from mmengine.config import DictAction
 
 from mmgroupmamba.analysis.iteration import measure_train_iteration
@@ -25,9 +27,15 @@ def main():
     parser.add_argument('--amp', action='store_true', help='also time under AMP (fp16 autocast)')
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--device', default=None)
+    parser.add_argument('--dynamic-shapes', action='store_true',
+                        help='compile for dynamic sizes from the first step: the graph that '
+                             'detection training (a new image size nearly every batch) runs '
+                             'after its first change of size')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='overrides applied to every config, e.g. model.backbone.with_cp=True')
     args = parser.parse_args()
+    if args.dynamic_shapes:
+        torch._dynamo.config.assume_static_by_default = False
 
     rows = []
     for config in args.configs:

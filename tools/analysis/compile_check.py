@@ -28,6 +28,12 @@ def _size(text: str):
     return h, w
 
 
+def _print_row(row) -> None:
+    grad = f"{row['gradient_error']:.1e}" if 'gradient_error' in row else '-'
+    print(f"| {row['size'][0]}x{row['size'][1]} | {row['graphs']} | {row['seconds']:.2f} | "
+          f"{row['output_error']:.1e} | {grad} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,14 +54,11 @@ def main():
 
     arch = ONE_BLOCK_ARCH if args.arch == 'one-block' else args.arch
     sizes = args.sizes or detection_sizes(args.detection_sizes or 3)
-    rows = check_compiled_backbone(arch, sizes, batch_size=args.batch_size, train=not args.eval,
-                                   device=args.device, mode=args.mode, backend=args.backend)
     print('| size | graphs compiled | seconds | output error | gradient error |')
-    print('|---|---:|---:|---:|---:|')
-    for row in rows:
-        grad = f"{row['gradient_error']:.1e}" if 'gradient_error' in row else '-'
-        print(f"| {row['size'][0]}x{row['size'][1]} | {row['graphs']} | {row['seconds']:.2f} | "
-              f"{row['output_error']:.1e} | {grad} |")
+    print('|---|---:|---:|---:|---:|', flush=True)
+    rows = check_compiled_backbone(arch, sizes, batch_size=args.batch_size, train=not args.eval,
+                                   device=args.device, mode=args.mode, backend=args.backend,
+                                   on_row=_print_row)
     later = sum(row['graphs'] for row in rows[2:])
     print(f'\n{len(rows)} sizes; graphs compiled after the second size: {later}')
 
