@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.backends.common import aot_autograd
 
 from mmgroupmamba.models import GroupMamba, GroupMambaClassifier, convert_official_state_dict
 from mmgroupmamba.models import groupmamba as groupmamba_module
@@ -134,6 +135,29 @@ def test_backbone_traces_as_one_graph(with_cp):
         results.append([loss, *torch.autograd.grad(loss, [x, *model.parameters()])])
     for traced, eager in zip(results[1], results[0]):
         torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_graphs_call_convolutions_as_opaque_operators():
+    """No aten convolution reaches the compiler, forward or backward: Inductor's own lowering of
+    a convolution's backward specialises the graph on the image size."""
+    torch._dynamo.reset()
+    model = GroupMamba(ARCH).train()
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == 'call_function')
+        return gm.forward
+
+    def backend(gm, example_inputs):
+        return aot_autograd(fw_compiler=record, bw_compiler=record)(gm, example_inputs)
+
+    compiled = torch.compile(groupmamba_module.GroupMamba._features, backend=backend)
+    outs = compiled(model, torch.randn(2, 3, 40, 36), 4, True)
+    sum(out.sum() for out in outs).backward()
+    assert not [t for t in targets if 'aten.convolution' in t]
+    # The stem's three ConvBNReLU and the four stride-2 projections, forward and backward.
+    for op in ('opaque_conv2d_fwd', 'opaque_conv2d_bwd'):
+        assert sum(op in t for t in targets) == 7, op
 
 
 def test_drop_path_schedule():
