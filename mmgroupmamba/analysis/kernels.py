@@ -5,9 +5,12 @@ Python call's host work counts whenever it takes longer than that flush, so shor
 also timed replayed from a captured CUDA graph (:func:`graph_ms`): kernel time alone.
 """
 import argparse
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
+
+from ..ops import triton_scan_n1
+from ..ops.triton_scan_n1 import LaunchConfig
 
 # One channel group of GroupMamba-T's stages at 224x224 and batch 128 (dim 87 at L 4096: a long
 # sequence), the shapes of the scan benchmarks, ``batch x dim x L``.
@@ -69,3 +72,57 @@ def scan_inputs(batch: int, dim: int, L: int, N: int = 1, dtype: torch.dtype = t
 def scan_io_bytes(inputs: Dict[str, object]) -> int:
     """Bytes a forward must move: u, delta, B and C read, y (as large as u) written."""
     return sum(inputs[k].numel() * inputs[k].element_size() for k in ('u', 'delta', 'B', 'C', 'u'))
+
+
+def candidate_tiles(dim_per_group: int, block_t: int, block_ds: Sequence[int],
+                    warps: Sequence[int], max_tile: int = 4096) -> List[LaunchConfig]:
+    """Tiles of ``block_t`` steps worth timing: channel blocks within the group (rounded up to a
+    power of two), at most ``max_tile`` elements, at least one element per thread."""
+    most = 1 << max(0, dim_per_group - 1).bit_length()
+    return [LaunchConfig(block_d, block_t, w) for block_d in block_ds for w in warps
+            if block_d <= most and 32 * w <= block_d * block_t <= max_tile]
+
+
+def backward_chunk_lengths(fwd_block_t: int, bwd_block_t: int, L: int) -> List[int]:
+    """Backward chunk lengths to try: forward's and its doubles (backward must cut the sequence
+    where forward saved its states), up to the planned one or the sequence (at most 2048)."""
+    longest = max(bwd_block_t, min(2048, 1 << max(0, L - 1).bit_length()))
+    lengths = [fwd_block_t]
+    while lengths[-1] * 2 <= longest:
+        lengths.append(lengths[-1] * 2)
+    return lengths
+
+
+def sweep_scan_tiles(batch: int, dim: int, L: int, dtype: torch.dtype = torch.float32, *,
+                     block_ds: Sequence[int] = (1, 2, 4, 8, 16, 32),
+                     warps: Sequence[int] = (1, 2, 4, 8), max_tile: int = 4096, rep: int = 60
+                     ) -> Dict[str, Tuple[LaunchConfig, Dict[LaunchConfig, float]]]:
+    """Kernel milliseconds (CUDA-graph replay) of the N = 1 scan per launch geometry, for one
+    group of ``dim`` channels scanning ``L`` steps left to right:
+    ``{'forward' | 'backward': (the geometry plan() picks, {geometry: ms})}``. Forward keeps
+    plan()'s chunk length, which fixes where its states are saved."""
+    inputs = scan_inputs(batch, dim, L, 1, dtype)
+    args = tuple(inputs.values())
+    dy = torch.randn_like(inputs['u'])
+    planned_fwd, planned_bwd = triton_scan_n1.plan(batch, dim, 1, L)
+
+    def forward(cfg):
+        return triton_scan_n1.forward(*args, out_dtype=dtype, cfg=cfg)
+
+    _, states = forward(planned_fwd)
+
+    def backward(cfg):
+        return triton_scan_n1.backward(*args, dy=dy, states=states,
+                                       fwd_block_t=planned_fwd.block_t, cfg=cfg)
+
+    fwd_tiles = candidate_tiles(dim, planned_fwd.block_t, block_ds, warps, max_tile)
+    bwd_tiles = [cfg for block_t in backward_chunk_lengths(planned_fwd.block_t,
+                                                           planned_bwd.block_t, L)
+                 for cfg in candidate_tiles(dim, block_t, block_ds, warps, max_tile)]
+    results = {}
+    for name, run, tiles, planned in (('forward', forward, fwd_tiles, planned_fwd),
+                                      ('backward', backward, bwd_tiles, planned_bwd)):
+        # dict.fromkeys: the planned geometry first, each geometry once.
+        results[name] = (planned, {cfg: graph_ms(lambda: run(cfg), rep)
+                                   for cfg in dict.fromkeys([planned, *tiles])})
+    return results

@@ -4,8 +4,9 @@ import argparse
 import pytest
 import torch
 
-from mmgroupmamba.analysis.kernels import (SCAN_SHAPES, parse_scan_shape, scan_benchmark_parser,
-                                           scan_inputs, scan_io_bytes)
+from mmgroupmamba.analysis.kernels import (SCAN_SHAPES, backward_chunk_lengths, candidate_tiles,
+                                           parse_scan_shape, scan_benchmark_parser, scan_inputs,
+                                           scan_io_bytes)
 from mmgroupmamba.ops import torch_scan
 
 
@@ -23,3 +24,14 @@ def test_inputs_fit_the_scan_and_bytes_count_u_delta_b_c_y():
     assert y.shape == (2, 3, 10)
     # u, delta and y: 2 * 3 * 10 bf16 each; B and C: 2 * 10 bf16 each.
     assert scan_io_bytes(inputs) == (3 * 60 + 2 * 20) * 2
+
+
+def test_sweep_candidates():
+    tiles = candidate_tiles(87, 256, block_ds=(1, 2, 4, 128, 256), warps=(1, 8), max_tile=2048)
+    # 256 channels is past the group (87 -> 128); 8 warps need 256 elements; 2048 at most.
+    assert [(t.block_d, t.warps) for t in tiles] == [(1, 1), (1, 8), (2, 1), (2, 8), (4, 1),
+                                                     (4, 8)]
+    assert [t.block_d for t in candidate_tiles(1, 64, (1, 2), (1, ))] == [1]
+    assert backward_chunk_lengths(256, 256, 196) == [256]
+    assert backward_chunk_lengths(512, 512, 3136) == [512, 1024, 2048]
+    assert backward_chunk_lengths(512, 1024, 4096) == [512, 1024, 2048]
