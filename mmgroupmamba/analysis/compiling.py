@@ -48,6 +48,7 @@ def _relative_error(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
 def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, int]], *,
                             batch_size: int = 1, train: bool = True, device: str = 'cpu',
                             mode: str = 'default', backend: str = 'inductor', seed: int = 0,
+                            dynamic: bool = False,
                             on_row: Optional[Callable[[Dict[str, object]], None]] = None
                             ) -> List[Dict[str, object]]:
     """One row per size: ``size``, ``graphs`` (graphs compiled by this call), ``seconds`` (of the
@@ -55,7 +56,9 @@ def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, i
     ``gradient_error`` (largest relative error of a map / of a non-scalar parameter's gradient).
 
     ``backend='inductor'`` runs the backbone's own compiled function in ``mode``; another
-    ``torch.compile`` backend (``'aot_eager'``) checks tracing alone, fast. ``on_row`` receives
+    ``torch.compile`` backend (``'aot_eager'``) checks tracing alone, fast. ``dynamic`` compiles
+    for dynamic sizes from the first call (one graph instead of a static one and then a dynamic
+    one: half the compilation on a GPU, where each takes minutes). ``on_row`` receives
     each row as soon as it is measured (compilation can take minutes per size).
     """
     torch.manual_seed(seed)
@@ -86,7 +89,8 @@ def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, i
         expected_outs, expected_grads = run(GroupMamba._features, x)
         graphs = counters['stats']['unique_graphs']
         start = time.perf_counter()
-        outs, grads = run(compiled, x)
+        with torch._dynamo.config.patch(assume_static_by_default=not dynamic):
+            outs, grads = run(compiled, x)
         _synchronize(device)
         row = dict(size=tuple(size), graphs=counters['stats']['unique_graphs'] - graphs,
                    seconds=time.perf_counter() - start,

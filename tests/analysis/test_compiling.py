@@ -39,6 +39,14 @@ def test_one_dynamic_graph_serves_later_sizes_and_matches_eager():
         assert row['output_error'] < 1e-5 and row['gradient_error'] < 1e-4, row
 
 
+def test_dynamic_from_the_first_size_compiles_one_graph():
+    rows = check_compiled_backbone(ARCH, [(64, 96), (80, 112), (96, 80)], batch_size=2,
+                                   backend='aot_eager', dynamic=True)
+    assert [row['graphs'] for row in rows] == [1, 0, 0]
+    for row in rows:
+        assert row['output_error'] < 1e-5 and row['gradient_error'] < 1e-4, row
+
+
 def test_inference_rows_have_no_gradient_error():
     rows = check_compiled_backbone(ARCH, [(64, 96)], train=False, backend='aot_eager')
     assert rows[0]['graphs'] == 1 and 'gradient_error' not in rows[0]
