@@ -25,6 +25,10 @@ model = dict(
         arch='tiny',
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.2,
+        # One compiled graph (CUDA) for every image size from the first iteration: detection
+        # resizes and pads each batch to a new size. The first iterations compile (minutes).
+        torch_compile=True,
+        compile_dynamic=True,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
     neck=dict(in_channels=[64, 128, 348, 448]))
 

@@ -13,7 +13,8 @@ image_scale = (96, 96)
 fpn_channels = 128
 
 model = dict(
-    backbone=dict(drop_path_rate=0., init_cfg=None),  # from scratch: no ImageNet checkpoint
+    # From scratch (no ImageNet checkpoint); eager: a short run is not worth compiling.
+    backbone=dict(drop_path_rate=0., torch_compile=False, init_cfg=None),
     neck=dict(out_channels=fpn_channels),
     rpn_head=dict(in_channels=fpn_channels, feat_channels=fpn_channels),
     roi_head=dict(

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch._dynamo.utils import counters
 
-from ..models.groupmamba import GroupMamba, _compiled
+from ..models.groupmamba import GroupMamba, _compiled, mark_size_dynamic
 from .speed import _synchronize
 
 
@@ -57,8 +57,9 @@ def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, i
 
     ``backend='inductor'`` runs the backbone's own compiled function in ``mode``; another
     ``torch.compile`` backend (``'aot_eager'``) checks tracing alone, fast. ``dynamic`` compiles
-    for dynamic sizes from the first call (one graph instead of a static one and then a dynamic
-    one: half the compilation on a GPU, where each takes minutes). ``on_row`` receives
+    for any height and width from the first call, as the backbone's ``compile_dynamic`` does
+    (one graph instead of a static one and then a dynamic one: half the compilation on a GPU,
+    where each takes minutes). ``on_row`` receives
     each row as soon as it is measured (compilation can take minutes per size).
     """
     torch.manual_seed(seed)
@@ -88,9 +89,10 @@ def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, i
         x = torch.randn(batch_size, model.in_channels, *size, device=device)
         expected_outs, expected_grads = run(GroupMamba._features, x)
         graphs = counters['stats']['unique_graphs']
+        if dynamic:
+            mark_size_dynamic(x)
         start = time.perf_counter()
-        with torch._dynamo.config.patch(assume_static_by_default=not dynamic):
-            outs, grads = run(compiled, x)
+        outs, grads = run(compiled, x)
         _synchronize(device)
         row = dict(size=tuple(size), graphs=counters['stats']['unique_graphs'] - graphs,
                    seconds=time.perf_counter() - start,

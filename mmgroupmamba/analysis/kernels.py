@@ -9,12 +9,18 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from ..ops import triton_scan_n1
+from ..ops import triton_depthwise_conv, triton_scan, triton_scan_n1
 from ..ops.triton_scan_n1 import LaunchConfig
 
 # One channel group of GroupMamba-T's stages at 224x224 and batch 128 (dim 87 at L 4096: a long
 # sequence), the shapes of the scan benchmarks, ``batch x dim x L``.
 SCAN_SHAPES = ('128x16x3136', '128x32x784', '128x87x196', '128x112x49', '128x87x4096')
+
+
+def compiled_kernels() -> int:
+    """Triton kernel binaries of the project's ops (selective scan, depthwise convolution)
+    compiled so far in this process."""
+    return triton_scan.compiled_kernel_count() + triton_depthwise_conv.compiled_kernel_count()
 
 
 def scan_benchmark_parser(doc: str) -> argparse.ArgumentParser:

@@ -418,6 +418,13 @@ def _compiled(fn, mode: str = 'default'):
     return torch.compile(fn, options=options)
 
 
+def mark_size_dynamic(images: torch.Tensor) -> None:
+    """Let the compiled backbone take the height and width of ``images`` (B, C, H, W) as symbols
+    from its first call, so that one graph serves every size."""
+    torch._dynamo.maybe_mark_dynamic(images, 2)
+    torch._dynamo.maybe_mark_dynamic(images, 3)
+
+
 class ClassBlock(nn.Module):
     """Post-network of the classifier on the class token (the mean of the last stage's tokens):
     (B, C) -> (B, C). The mixer sees a 1x1 map; its output is normalised before the residual."""
@@ -532,6 +539,10 @@ class GroupMamba(BaseModule):
             replays CUDA graphs for fixed input sizes (classification, segmentation training on
             fixed crops; sizes that change run compiled without graphs). CPU inputs always run
             eagerly.
+        compile_dynamic (bool): with ``torch_compile``, compile one graph for any image size at
+            the first step (detection: a new size nearly every batch). Otherwise the first graph
+            is specialised on the first size and the first change of size compiles a second one.
+            Without ``torch_compile`` it changes nothing.
         drop_path_rate (float): stochastic depth, linearly increasing over all blocks.
         init_cfg (dict, optional): e.g.
             ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
@@ -546,6 +557,7 @@ class GroupMamba(BaseModule):
                  with_cp: bool = False,
                  drop_path_rate: float = 0.,
                  torch_compile: Union[bool, str] = False,
+                 compile_dynamic: bool = False,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
         settings = resolve_arch(arch)
@@ -564,6 +576,7 @@ class GroupMamba(BaseModule):
             raise ValueError(f'torch_compile must be a bool or one of {COMPILE_MODES}, got '
                              f'{torch_compile!r}')
         self.torch_compile = torch_compile
+        self.compile_dynamic = compile_dynamic
 
         self.stem = Stem(in_channels, settings['stem_channels'], self.embed_dims[0])
         rates = torch.linspace(0, drop_path_rate, sum(self.depths), device='cpu').tolist()
@@ -596,6 +609,8 @@ class GroupMamba(BaseModule):
                       norm_last: bool) -> List[torch.Tensor]:
         if self.torch_compile and x.device.type in _COMPILED_DEVICES:
             mode = 'default' if self.torch_compile is True else self.torch_compile
+            if self.compile_dynamic:
+                mark_size_dynamic(x)
             try:
                 return _compiled(GroupMamba._features, mode)(self, x, num_stages, norm_last)
             except torch._dynamo.exc.BackendCompilerFailed as error:

@@ -1,9 +1,17 @@
-"""Pieces shared by the Triton selective-scan kernels (general N and N = 1)."""
+"""Pieces shared by the Triton kernels (selective scan for general N and N = 1, depthwise
+convolution)."""
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+
+def compiled_binaries(*kernels) -> int:
+    """Kernel binaries compiled so far in this process for the ``@triton.jit`` functions
+    ``kernels`` (one per distinct set of compile-time parameters and argument specialisations)."""
+    return sum(len(cache[0]) for kernel in kernels
+               for cache in getattr(kernel, 'device_caches', {}).values())
 
 
 def or_dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

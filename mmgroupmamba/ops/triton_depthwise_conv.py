@@ -7,12 +7,20 @@ vectorised along whichever of W and C is contiguous, accumulating in float32, lo
 row once. The input gradient is the same kernel with the taps turned by 180 degrees; the weight
 and bias gradients reduce rows of the output gradient against shifted input rows into
 per-program partial sums (no atomics: deterministic), summed afterwards.
+
+The image height and width (and the row-block count) are not specialised on (Triton compiles a
+kernel per divisibility of its integer arguments): detection's changing sizes would compile new
+binaries. The strides stay specialised, as their divisibility lets loads along a contiguous
+channel axis vectorise; for channel counts that are multiples of 16 it does not change with the
+size.
 """
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .triton_common import compiled_binaries
 
 # Elements per program tile (the weight gradient keeps ten float32 tiles of partial sums), and
 # rows per weight-gradient program.
@@ -51,6 +59,11 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_b
     grad_weight = sums[:9].t().contiguous().view(C, 1, 3, 3)
     grad_bias = sums[9].clone() if with_bias else None
     return grad_x, grad_weight, grad_bias
+
+
+def compiled_kernel_count() -> int:
+    """Number of kernel binaries compiled so far in this process (forward and backward)."""
+    return compiled_binaries(_dwconv_stencil_kernel, _dwconv_wgrad_kernel)
 
 
 def _blocks(x: torch.Tensor, tile: int = _TILE) -> Tuple[int, int]:
@@ -100,7 +113,7 @@ def _tap(w_ptr, offs_c, c_mask, I: tl.constexpr, J: tl.constexpr, MIRRORED: tl.c
     return tl.load(w_ptr + offs_c * 9 + offset, mask=c_mask, other=0.).to(tl.float32)[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['H', 'W', 'row_blocks'])
 def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, H, W, C, ss_b, ss_c, ss_h, ss_w,
                            ds_b, ds_c, ds_h, ds_w, row_blocks, MIRRORED: tl.constexpr,
                            HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -162,7 +175,7 @@ def _shifted(base, h, offs_w, DH: tl.constexpr, DW: tl.constexpr, H, W, s_h, s_w
     return tl.load(base + hh * s_h + ww[:, None] * s_w, mask=mask, other=0.).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['H', 'W', 'row_blocks'])
 def _dwconv_wgrad_kernel(x_ptr, g_ptr, partial_ptr, H, W, C, xs_b, xs_c, xs_h, xs_w, gs_b,
                          gs_c, gs_h, gs_w, row_blocks, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
                          BLOCK_C: tl.constexpr):

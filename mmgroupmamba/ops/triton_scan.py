@@ -30,7 +30,8 @@ import triton.language as tl
 
 from . import triton_scan_n1
 from .triton_scan_n1 import direction_code
-from .triton_common import affine_combine, effective_delta, or_dummy, token_index
+from .triton_common import (affine_combine, compiled_binaries, effective_delta, or_dummy,
+                            token_index)
 
 # Elements (channels x states x steps) of one program's tile, per kernel: enough independent loads
 # in flight to stream at memory speed, few enough registers for backward's dozen live tiles.
@@ -129,11 +130,8 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
 
 def compiled_kernel_count() -> int:
     """Number of kernel binaries compiled so far in this process (forward and backward)."""
-    count = triton_scan_n1.compiled_kernel_count()
-    for kernel in (_scan_fwd_kernel, _scan_bwd_kernel):
-        for cache in getattr(kernel, 'device_caches', {}).values():
-            count += len(cache[0])
-    return count
+    return (triton_scan_n1.compiled_kernel_count()
+            + compiled_binaries(_scan_fwd_kernel, _scan_bwd_kernel))
 
 
 class _Tile:

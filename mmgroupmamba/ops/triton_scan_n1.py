@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import affine_combine, effective_delta, or_dummy, token_index
+from .triton_common import (affine_combine, compiled_binaries, effective_delta, or_dummy,
+                            token_index)
 
 # Picked by a sweep on an H100 over the GroupMamba stage shapes (docs/benchmarks.md): tiles of
 # 1024 channels x steps, 4 warps, chunks up to 512 steps; long sequences run backward in chunks of
@@ -166,11 +167,7 @@ def bc_strides_ok(x: torch.Tensor) -> bool:
 
 def compiled_kernel_count() -> int:
     """Number of kernel binaries compiled so far in this process (forward and backward)."""
-    count = 0
-    for kernel in (_scan_n1_fwd_kernel, _scan_n1_bwd_kernel):
-        for cache in getattr(kernel, 'device_caches', {}).values():
-            count += len(cache[0])
-    return count
+    return compiled_binaries(_scan_n1_fwd_kernel, _scan_n1_bwd_kernel)
 
 
 # The Triton kernels take the groups' directions packed into one integer argument.

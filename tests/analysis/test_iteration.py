@@ -9,6 +9,19 @@ def test_measure_train_iteration_on_the_cpu():
                                      device='cpu')
     assert result['seconds'] > 0 and result['peak_gib'] is None
     assert 20 < result['params_m'] < 60
+    assert result['sizes'] == []
+
+
+def test_measure_train_iteration_follows_changing_sizes():
+    seen = []
+    result = measure_train_iteration('configs/mask_rcnn/gm_t_toy_coco.py', (64, 64),
+                                     batch_size=2, warmup=1, steps=1, device='cpu',
+                                     sizes=[(64, 96), (96, 64)], on_size=seen.append)
+    assert [row['size'] for row in result['sizes']] == [(64, 96), (96, 64)]
+    assert seen == result['sizes']
+    for row in seen:  # eager on the CPU: nothing compiles
+        assert row['seconds'] > 0 and row['graphs'] == row['kernels'] == 0
+        assert row['peak_gib'] is None
 
 
 def test_profile_train_iteration_records_the_eager_ops_and_the_optimizer():

@@ -3,6 +3,7 @@
 Most tests use a narrow custom arch so that they run in seconds on a CPU; parameter counts of the
 real variants are checked on the meta device.
 """
+import functools
 import math
 import re
 import runpy
@@ -351,6 +352,28 @@ def test_failed_compilation_names_the_eager_switch(monkeypatch):
         model(torch.randn(1, 3, 32, 32))
     assert 'OSError: no C compiler found' in str(info.value)
     assert isinstance(info.value.__cause__, BackendCompilerFailed)
+
+
+@pytest.mark.parametrize('compile_dynamic,graphs', [(False, [1, 1, 0]), (True, [1, 0, 0])])
+def test_compile_dynamic_compiles_one_graph_for_all_sizes(monkeypatch, compile_dynamic, graphs):
+    """The backbone's own compiled path (traced here by aot_eager on the CPU): with
+    ``compile_dynamic`` the first call's graph serves later sizes; without it the first change
+    of size compiles again."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(groupmamba_module, '_COMPILED_DEVICES', ('cpu', ))
+    monkeypatch.setattr(groupmamba_module, '_compiled', functools.lru_cache(
+        lambda fn, mode: torch.compile(fn, backend='aot_eager')))
+    model = GroupMamba(ARCH, torch_compile=True, compile_dynamic=compile_dynamic).eval()
+    compiled = []
+    for size in [(64, 96), (80, 112), (96, 80)]:
+        before = counters['stats']['unique_graphs']
+        with torch.no_grad():
+            outs = model(torch.randn(2, 3, *size))
+        compiled.append(counters['stats']['unique_graphs'] - before)
+        assert outs[0].shape == (2, ARCH['embed_dims'][0], size[0] // 4, size[1] // 4)
+    assert compiled == graphs
 
 
 def test_wrong_input_channels_are_refused():
