@@ -170,8 +170,9 @@ def test_triton_matches_torch_on_gpu(dtype, shape, channels_last):
 @pytest.mark.parametrize('channels, channels_last', [(87, False), (512, True)])
 def test_new_image_sizes_reuse_compiled_kernels(channels, channels_last):
     """Heights and widths that leave the strides' divisibility unchanged (widths multiples of 16)
-    compile no kernel after the first size: the sizes themselves are not specialised on. (The
-    mixer's channel-major maps of 87-channel groups, the FFN's channels-last ones.)"""
+    compile no kernel after the first size (which may find its kernels compiled by an earlier
+    test): the sizes themselves are not specialised on. (The mixer's channel-major maps of
+    87-channel groups, the FFN's channels-last ones.)"""
     from mmgroupmamba.ops import triton_depthwise_conv
     torch.manual_seed(0)
     counts = []
@@ -180,7 +181,7 @@ def test_new_image_sizes_reuse_compiled_kernels(channels, channels_last):
         x, weight, bias = make_case(2, channels, H, W, 3, channels_last, True, device='cuda')
         run_op(x, weight, bias, torch.randn_like(x))
         counts.append(triton_depthwise_conv.compiled_kernel_count() - before)
-    assert counts[0] > 0 and counts[1:] == [0] * 4, counts
+    assert counts[1:] == [0] * 4, counts
 
 
 @requires_cuda

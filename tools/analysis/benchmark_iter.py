@@ -32,7 +32,9 @@ def main():
     parser.add_argument('configs', nargs='+')
     parser.add_argument('--shape', type=int, nargs=2, default=[800, 1216], metavar=('H', 'W'))
     parser.add_argument('--batch-size', type=int, default=2)
-    parser.add_argument('--amp', action='store_true', help='also time under AMP (fp16 autocast)')
+    parser.add_argument('--amp', action='store_true',
+                        help='also time under AMP (fp16 autocast): --precision fp32 amp')
+    parser.add_argument('--precision', nargs='+', choices=['fp32', 'amp'], default=['fp32'])
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--device', default=None)
     parser.add_argument('--detection-sizes', type=int, default=0, metavar='N',
@@ -42,12 +44,13 @@ def main():
     args = parser.parse_args()
     sizes = detection_sizes(args.detection_sizes) if args.detection_sizes else []
 
+    precisions = ['fp32', 'amp'] if args.amp else args.precision
     rows = []
     for config in args.configs:
-        for amp in ([False, True] if args.amp else [False]):
-            precision = 'amp' if amp else 'fp32'
+        for precision in precisions:
             result = measure_train_iteration(
-                config, tuple(args.shape), args.batch_size, amp=amp, steps=args.steps,
+                config, tuple(args.shape), args.batch_size, amp=precision == 'amp',
+                steps=args.steps,
                 device=args.device, cfg_options=args.cfg_options, sizes=sizes,
                 on_size=lambda row: print(f"  {row['size'][0]}x{row['size'][1]}: "
                                           f"{row['seconds']:.3f} s, {row['graphs']} graphs and "
