@@ -102,7 +102,10 @@ def _backward_impl(grad_y, x, weight, with_bias, backend):
                 [True, True, with_bias])
             grad_x = _like(x, grad_x)
     grad_bias = grad_bias.to(weight.dtype) if with_bias else None
-    return grad_x, grad_weight.to(weight.dtype), grad_bias
+    # In the weight's dtype and strides: the gradient of a channels-last convolution may stride
+    # the size-1 input-channel axis differently, which DistributedDataParallel's gradient buckets
+    # take for a layout mismatch (a warning and a copy per step).
+    return grad_x, torch.empty_like(weight).copy_(grad_weight), grad_bias
 
 
 @_conv_bwd.register_fake

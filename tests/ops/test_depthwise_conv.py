@@ -85,6 +85,17 @@ def test_custom_operator_registration():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_weight_gradient_has_the_weight_strides(channels_last):
+    """DistributedDataParallel copies (and warns about) gradients whose strides differ from their
+    parameter's, even in the size-1 input-channel axis, where a channels-last convolution's
+    weight gradient puts another stride."""
+    x, weight, bias = make_case(2, 6, 5, 7, 3, channels_last, True)
+    weight.requires_grad_()
+    depthwise_conv2d(x, weight, bias).sum().backward()
+    assert weight.grad.stride() == weight.stride()
+
+
 def test_bad_inputs_are_named():
     x = torch.randn(2, 4, 5, 5)
     with pytest.raises(ValueError, match='weight must be'):
