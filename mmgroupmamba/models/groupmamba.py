@@ -542,7 +542,8 @@ class GroupMamba(BaseModule):
         compile_dynamic (bool): with ``torch_compile``, compile one graph for any image size at
             the first step (detection: a new size nearly every batch). Otherwise the first graph
             is specialised on the first size and the first change of size compiles a second one.
-            Without ``torch_compile`` it changes nothing.
+            A CUDA-graph mode then records no graphs (they serve one size each). Without
+            ``torch_compile`` it changes nothing.
         drop_path_rate (float): stochastic depth, linearly increasing over all blocks.
         init_cfg (dict, optional): e.g.
             ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
