@@ -8,14 +8,15 @@
         configs/mask_rcnn/gm_t_1x_coco.py --steps 20 --detection-sizes 12
 
 Each iteration is the runner's own ``model.train_step`` with the config's optimizer wrapper
-(AmpOptimWrapper with --amp) on random images with random ground truth. Pretrained checkpoints
-are not loaded (the weights do not change the time). SyncBN becomes BN on one process. A backbone
+(AmpOptimWrapper under --precision amp) on random images with random ground truth. Pretrained
+checkpoints are not loaded (the weights do not change the time). SyncBN becomes BN on one process. A backbone
 with ``torch_compile`` compiles during the warm-up steps.
 
 ``--detection-sizes N`` then runs one iteration at each of N sizes as mmdet's 1333x800 resize
 and padding make them, as detection training changes size nearly every batch: per size, the
-time (a compilation included), the graphs compiled and the peak memory, and the median time of
-the iterations that compiled nothing.
+time (compilations included), the graphs ``torch.compile`` compiled, the Triton binaries of the
+project's kernels compiled and the peak memory; then the median time of the iterations that
+compiled nothing.
 """
 import argparse
 import statistics
