@@ -9,8 +9,8 @@
 
 Each iteration is the runner's own ``model.train_step`` with the config's optimizer wrapper
 (AmpOptimWrapper under --precision amp) on random images with random ground truth. Pretrained
-checkpoints are not loaded (the weights do not change the time). SyncBN becomes BN on one process. A backbone
-with ``torch_compile`` compiles during the warm-up steps.
+checkpoints are not loaded (the weights do not change the time). SyncBN becomes BN on one
+process. A backbone with ``torch_compile`` compiles during the warm-up steps.
 
 ``--detection-sizes N`` then runs one iteration at each of N sizes as mmdet's 1333x800 resize
 and padding make them, as detection training changes size nearly every batch: per size, the
