@@ -5,7 +5,7 @@ Python call's host work counts whenever it takes longer than that flush, so shor
 also timed replayed from a captured CUDA graph (:func:`graph_ms`): kernel time alone.
 """
 import argparse
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -89,46 +89,44 @@ def candidate_tiles(dim_per_group: int, block_t: int, block_ds: Sequence[int],
             if block_d <= most and 32 * w <= block_d * block_t <= max_tile]
 
 
-def backward_chunk_lengths(fwd_block_t: int, bwd_block_t: int, L: int) -> List[int]:
-    """Backward chunk lengths to try: forward's and its doubles (backward must cut the sequence
-    where forward saved its states), up to the planned one or the sequence (at most 2048)."""
-    longest = max(bwd_block_t, min(2048, 1 << max(0, L - 1).bit_length()))
-    lengths = [fwd_block_t]
-    while lengths[-1] * 2 <= longest:
+def chunk_lengths(L: int, shortest: int = 128, longest: int = 2048) -> List[int]:
+    """Chunk lengths worth timing for ``L`` steps: powers of two from ``shortest`` up to the
+    first that covers the sequence (at most ``longest``; at least 16)."""
+    covering = max(16, 1 << max(0, L - 1).bit_length())
+    lengths = [min(shortest, covering)]
+    while lengths[-1] * 2 <= min(longest, covering):
         lengths.append(lengths[-1] * 2)
     return lengths
 
 
 def sweep_scan_tiles(batch: int, dim: int, L: int, dtype: torch.dtype = torch.float32, *,
                      block_ds: Sequence[int] = (1, 2, 4, 8, 16, 32),
-                     warps: Sequence[int] = (1, 2, 4, 8), max_tile: int = 4096, rep: int = 60
+                     block_ts: Optional[Sequence[int]] = None,
+                     warps: Sequence[int] = (1, 2, 4, 8), max_tile: int = 4096, rep: int = 60,
+                     passes: Sequence[str] = ('forward', 'backward')
                      ) -> Dict[str, Tuple[LaunchConfig, Dict[LaunchConfig, float]]]:
     """Kernel milliseconds (CUDA-graph replay) of the N = 1 scan per launch geometry, for one
     group of ``dim`` channels scanning ``L`` steps left to right:
-    ``{'forward' | 'backward': (the geometry plan() picks, {geometry: ms})}``. Forward keeps
-    plan()'s chunk length, which fixes where its states are saved."""
+    ``{'forward' | 'backward': (the geometry plan() picks, {geometry: ms})}``. Chunk lengths are
+    ``block_ts`` (default :func:`chunk_lengths`); backward skips those that do not start at a
+    saved state."""
     inputs = scan_inputs(batch, dim, L, 1, dtype)
     args = tuple(inputs.values())
     dy = torch.randn_like(inputs['u'])
-    planned_fwd, planned_bwd = triton_scan_n1.plan(batch, dim, 1, L)
-
-    def forward(cfg):
-        return triton_scan_n1.forward(*args, out_dtype=dtype, cfg=cfg)
-
-    _, states = forward(planned_fwd)
-
-    def backward(cfg):
-        return triton_scan_n1.backward(*args, dy=dy, states=states,
-                                       fwd_block_t=planned_fwd.block_t, cfg=cfg)
-
-    fwd_tiles = candidate_tiles(dim, planned_fwd.block_t, block_ds, warps, max_tile)
-    bwd_tiles = [cfg for block_t in backward_chunk_lengths(planned_fwd.block_t,
-                                                           planned_bwd.block_t, L)
-                 for cfg in candidate_tiles(dim, block_t, block_ds, warps, max_tile)]
+    planned = dict(zip(('forward', 'backward'), triton_scan_n1.plan(batch, dim, 1, L)))
+    _, states = triton_scan_n1.forward(*args, out_dtype=dtype, cfg=planned['forward'])
+    runs = {
+        'forward': lambda cfg: triton_scan_n1.forward(*args, out_dtype=dtype, cfg=cfg),
+        'backward': lambda cfg: triton_scan_n1.backward(*args, dy=dy, states=states, cfg=cfg),
+    }
+    lengths = {'forward': list(block_ts or chunk_lengths(L))}
+    lengths['backward'] = [t for t in lengths['forward']
+                           if t % triton_scan_n1._STATE_T == 0 or t >= L]
     results = {}
-    for name, run, tiles, planned in (('forward', forward, fwd_tiles, planned_fwd),
-                                      ('backward', backward, bwd_tiles, planned_bwd)):
+    for name in passes:
+        tiles = [cfg for block_t in lengths[name]
+                 for cfg in candidate_tiles(dim, block_t, block_ds, warps, max_tile)]
         # dict.fromkeys: the planned geometry first, each geometry once.
-        results[name] = (planned, {cfg: graph_ms(lambda: run(cfg), rep)
-                                   for cfg in dict.fromkeys([planned, *tiles])})
+        results[name] = (planned[name], {cfg: graph_ms(lambda: runs[name](cfg), rep)
+                                         for cfg in dict.fromkeys([planned[name], *tiles])})
     return results

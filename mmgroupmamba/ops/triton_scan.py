@@ -92,10 +92,10 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
     (states, ) = saved
     if N == 1:
         u, delta, A, B, C = _n1_inputs(u, delta, A, B, C)
-        fwd_cfg, bwd_cfg = triton_scan_n1.plan(batch, dim // groups, groups, L)
+        _, bwd_cfg = triton_scan_n1.plan(batch, dim // groups, groups, L)
         grads = triton_scan_n1.backward(u, delta, A, B, C, D, delta_bias, delta_softplus,
                                         directions, _spatial(spatial_shape, L), dy.contiguous(),
-                                        states, fwd_cfg.block_t, bwd_cfg, empty=_empty)
+                                        states, bwd_cfg, empty=_empty)
         inputs = (u, delta, A, B, C, D, delta_bias)
         return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs))
     u, delta, A, B, C, dy = (t.contiguous() for t in (u, delta, A, B, C, dy))

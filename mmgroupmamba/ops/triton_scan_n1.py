@@ -9,9 +9,9 @@ Each chunk's loads are issued one iteration ahead (a register prefetch), so that
 while the previous chunk is scanned; a program of a single chunk (``PREFETCH`` off) skips it and
 holds fewer registers, so that more programs share an SM.
 
-Forward stores the state at the start of every chunk (``(batch * dim, chunks)`` float32); backward
-walks the chunks last to first, recomputes the chunk's states from the saved start (its chunk is a
-whole number of forward chunks), and runs the adjoint ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` as a
+Forward stores the state every ``_STATE_T`` steps (``(batch * dim, ceil(L / _STATE_T))`` float32,
+whatever its own chunk length); backward walks its chunks last to first, recomputes a chunk's states
+from the saved one at its start (its chunks are whole multiples of ``_STATE_T``), and runs the adjoint ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` as a
 reverse scan. The shifted decay ``a_{t+1}`` comes from a second load of ``delta`` one step on (a
 cache hit). dB/dC are summed over the program's channels in registers; programs of one group add up
 with float32 atomics only when a group spans several channel blocks. dA, dD and ddelta_bias reduce
@@ -29,10 +29,13 @@ import triton.language as tl
 from .triton_common import (affine_combine, compiled_binaries, effective_delta, or_dummy,
                             token_index)
 
+# Forward saves the state every _STATE_T steps, so that backward may cut the sequence into
+# chunks of any multiple of it, whatever forward's chunk length (a few bytes per row: 0.3% of
+# forward's traffic at L = 3136).
+_STATE_T = 128
 # Picked by a sweep on an H100 over the GroupMamba stage shapes (docs/benchmarks.md): tiles of
 # 1024 channels x steps, 4 warps, chunks up to 512 steps; long sequences run backward in chunks of
-# 1024 with 8 warps. The backward chunk is a multiple of the forward chunk, so that it starts where
-# forward saved a state.
+# 1024 with 8 warps.
 _MAX_T = 512
 _TILE = 1024
 _WARPS = 4
@@ -70,7 +73,8 @@ def plan(batch: int, dim_per_group: int, groups: int, L: int) -> Tuple[LaunchCon
         return (LaunchConfig(min(most, max(1, _SHORT_FWD_TILE // fwd_t)), fwd_t, 1),
                 LaunchConfig(min(most, _SHORT_BWD_D), fwd_t, 1))
     bwd_t, bwd_warps = (_LONG_BWD_T, _LONG_BWD_WARPS) if L >= _LONG_L else (fwd_t, _WARPS)
-    bwd_t = max(bwd_t, fwd_t)
+    # Backward's chunks start where forward saved a state, or one chunk covers the sequence.
+    bwd_t = max(bwd_t, min(_STATE_T, triton.next_power_of_2(L)))
     return (LaunchConfig(_block_d(batch, dim_per_group, groups, _TILE // fwd_t, _FWD_MIN_PROGRAMS),
                          fwd_t, _WARPS),
             LaunchConfig(_block_d(batch, dim_per_group, groups, _TILE // bwd_t, _BWD_MIN_PROGRAMS),
@@ -78,9 +82,9 @@ def plan(batch: int, dim_per_group: int, groups: int, L: int) -> Tuple[LaunchCon
 
 
 def states_shape(batch, dim: int, L):
-    """Shape of the states :func:`forward` saves. Every plan's forward chunk is ``_MAX_T`` steps
-    or covers the whole sequence, so this is ``ceil(L / _MAX_T)`` chunks (symbolic sizes pass)."""
-    return (batch * dim, -(-L // _MAX_T))
+    """Shape of the states :func:`forward` saves: one per ``_STATE_T`` steps and row (symbolic
+    sizes pass)."""
+    return (batch * dim, -(-L // _STATE_T))
 
 
 def _block_d(batch: int, dim_per_group: int, groups: int, want: int, min_programs: int) -> int:
@@ -92,7 +96,8 @@ def _block_d(batch: int, dim_per_group: int, groups: int, want: int, min_program
 
 def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
             out_dtype, cfg: LaunchConfig, empty=torch.empty):
-    """Returns ``(y, states)``; ``states`` ``(batch * dim, ceil(L / cfg.block_t))`` float32.
+    """Returns ``(y, states)``; ``states`` :func:`states_shape` float32, the state before every
+    ``_STATE_T``-th step.
 
     ``u, delta``: contiguous ``(batch, dim, L)``; ``B, C``: ``(batch, groups, 1, L)`` whose batch and
     group strides are multiples of ``L`` (a broadcast group stride of 0 is fine); ``directions``:
@@ -105,32 +110,33 @@ def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatia
     n_chunks = triton.cdiv(L, cfg.block_t)
     d_blocks = triton.cdiv(dim_per_group, cfg.block_d)
     y = empty(u.shape, dtype=out_dtype, device=u.device)
-    states = empty((batch * dim, n_chunks), dtype=torch.float32, device=u.device)
+    states = empty(states_shape(batch, dim, L), dtype=torch.float32, device=u.device)
     _scan_n1_fwd_kernel[(batch * groups * d_blocks, )](
         u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u),
         direction_code(directions), y, states,
-        L, H, W, n_chunks, dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
+        L, H, W, n_chunks, states.shape[1], dim, groups, dim_per_group, d_blocks,
+        *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, BLOCK_D=cfg.block_d,
-        BLOCK_T=cfg.block_t, PREFETCH=n_chunks > 1, num_warps=cfg.warps)
+        BLOCK_T=cfg.block_t, STATE_T=_STATE_T, PREFETCH=n_chunks > 1, num_warps=cfg.warps)
     return y, states
 
 
 def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
-             dy, states, fwd_block_t: int, cfg: LaunchConfig, empty=torch.empty):
+             dy, states, cfg: LaunchConfig, empty=torch.empty):
     """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)``.
 
     du/ddelta come in the inputs' dtypes, dA/dD/ddelta_bias in float32 (summed with atomics),
     dB/dC ``(batch, groups, 1, L)`` in B's dtype, or float32 when a group spans several programs.
-    ``states`` and ``fwd_block_t`` are what :func:`forward` saved and used; ``cfg.block_t`` must
-    be a multiple of ``fwd_block_t``.
+    ``states`` is what :func:`forward` saved; ``cfg.block_t`` is a multiple of ``_STATE_T`` or
+    covers ``L``.
     """
     batch, dim, L = u.shape
     groups = B.shape[1]
     dim_per_group = dim // groups
     H, W = spatial_shape
-    assert cfg.block_t % fwd_block_t == 0, (cfg.block_t, fwd_block_t)
     n_chunks = triton.cdiv(L, cfg.block_t)
+    assert n_chunks == 1 or cfg.block_t % _STATE_T == 0, (cfg.block_t, _STATE_T)
     d_blocks = triton.cdiv(dim_per_group, cfg.block_d)
     du = empty(u.shape, dtype=u.dtype, device=u.device)
     ddelta = empty(delta.shape, dtype=delta.dtype, device=u.device)
@@ -148,7 +154,8 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
     _scan_n1_bwd_kernel[(batch * groups * d_blocks, )](
         u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u),
         direction_code(directions), dy, states,
-        du, ddelta, param_grads, dBC, L, H, W, n_chunks, states.shape[1], cfg.block_t // fwd_block_t,
+        du, ddelta, param_grads, dBC, L, H, W, n_chunks, states.shape[1],
+        max(1, cfg.block_t // _STATE_T),
         dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, ATOMIC_BC=atomic_bc,
@@ -210,13 +217,13 @@ def _program_coords(dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_st
     return g, chan, d_mask, A, D, bias, rows, bc_row
 
 
-@triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks', 'dir_code'])
+@triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks', 'n_states', 'dir_code'])
 def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_code, y_ptr,
-                        state_ptr, L, H, W, n_chunks, dim, groups, dim_per_group, n_dblocks,
-                        bc_stride_b, bc_stride_g,
+                        state_ptr, L, H, W, n_chunks, n_states, dim, groups, dim_per_group,
+                        n_dblocks, bc_stride_b, bc_stride_g,
                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                         ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr):
+                        BLOCK_T: tl.constexpr, STATE_T: tl.constexpr, PREFETCH: tl.constexpr):
     # L is a multiple of VEC (the caller checked): saying so lets the compiler prove rows
     # 16-byte aligned, hence vectorised loads, without specialising on L itself.
     L = (L // VEC) * VEC
@@ -227,6 +234,7 @@ def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
     if not ROW_MAJOR:
         direction = ((dir_code.to(tl.int64) >> (2 * g)) & 3).to(tl.int32)
     row = rows * L
+    state_row = rows * n_states
     lane = tl.arange(0, BLOCK_T)
     h = tl.zeros([BLOCK_D], dtype=tl.float32)
     u_next, raw_next, B_next, C_next = _load_fwd_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, row, bc_row,
@@ -239,8 +247,11 @@ def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
             u_next, raw_next, B_next, C_next = _load_fwd_chunk(
                 u_ptr, delta_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, chunk + 1, L, H, W,
                 direction, ROW_MAJOR, BLOCK_T)
-        tl.store(state_ptr + rows * n_chunks + chunk, h, mask=d_mask)
-        t = chunk * BLOCK_T + lane
+        start = chunk * BLOCK_T
+        # The state before every STATE_T-th step: the carry, where a chunk starts on one.
+        tl.store(state_ptr + state_row + start // STATE_T, h,
+                 mask=d_mask & (start % STATE_T == 0))
+        t = start + lane
         s = token_index(t, L, H, W, direction, ROW_MAJOR)
         mask = d_mask[:, None] & (t < L)[None, :]
         # delta = 0 makes padding steps the identity map (a = 1, b = 0): the carry passes intact.
@@ -251,6 +262,11 @@ def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
         hs = a_cum * h[:, None] + b_cum
         y = hs * Ct + D[:, None] * u
         tl.store(y_ptr + row[:, None] + s[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        if BLOCK_T > STATE_T:
+            # Inside a long chunk: hs after step t is the state before step t + 1.
+            inner = ((lane + 1) % STATE_T == 0) & (lane + 1 < BLOCK_T) & (t + 1 < L)
+            tl.store(state_ptr + state_row[:, None] + ((t + 1) // STATE_T)[None, :], hs,
+                     mask=d_mask[:, None] & inner[None, :])
         h = tl.sum(tl.where(lane[None, :] == BLOCK_T - 1, hs, 0.0), axis=1)
 
 
@@ -295,10 +311,10 @@ def _load_fwd_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, c
     return u, raw, Bt, Ct
 
 
-@triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks', 'state_chunks', 'dir_code'])
+@triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks', 'n_states', 'dir_code'])
 def _scan_n1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_code, dy_ptr,
                         state_ptr, du_ptr, ddelta_ptr, param_ptr, dbc_ptr, L, H, W, n_chunks,
-                        state_chunks, state_step, dim, groups, dim_per_group, n_dblocks,
+                        n_states, state_step, dim, groups, dim_per_group, n_dblocks,
                         bc_stride_b, bc_stride_g,
                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                         ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, ATOMIC_BC: tl.constexpr,
@@ -343,7 +359,7 @@ def _scan_n1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
         a = tl.exp(delta * A[:, None])
         bu = delta * u * Bt
         a_cum, b_cum = tl.associative_scan((a, bu), axis=1, combine_fn=affine_combine)
-        h0 = tl.load(state_ptr + rows * state_chunks + chunk * state_step, mask=d_mask, other=0.0)
+        h0 = tl.load(state_ptr + rows * n_states + chunk * state_step, mask=d_mask, other=0.0)
         h = a_cum * h0[:, None] + b_cum
 
         delta1 = effective_delta(raw1, bias[:, None], SOFTPLUS)

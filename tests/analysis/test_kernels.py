@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from mmgroupmamba.analysis.kernels import (SCAN_SHAPES, backward_chunk_lengths, candidate_tiles,
+from mmgroupmamba.analysis.kernels import (SCAN_SHAPES, candidate_tiles, chunk_lengths,
                                            parse_scan_shape, scan_benchmark_parser, scan_inputs,
                                            scan_io_bytes)
 from mmgroupmamba.ops import torch_scan
@@ -32,6 +32,8 @@ def test_sweep_candidates():
     assert [(t.block_d, t.warps) for t in tiles] == [(1, 1), (1, 8), (2, 1), (2, 8), (4, 1),
                                                      (4, 8)]
     assert [t.block_d for t in candidate_tiles(1, 64, (1, 2), (1, ))] == [1]
-    assert backward_chunk_lengths(256, 256, 196) == [256]
-    assert backward_chunk_lengths(512, 512, 3136) == [512, 1024, 2048]
-    assert backward_chunk_lengths(512, 1024, 4096) == [512, 1024, 2048]
+    assert chunk_lengths(196) == [128, 256]
+    assert chunk_lengths(49) == [64]
+    assert chunk_lengths(3136, shortest=512) == [512, 1024, 2048]
+    assert chunk_lengths(4096, longest=1024) == [128, 256, 512, 1024]
+    assert chunk_lengths(1) == [16]

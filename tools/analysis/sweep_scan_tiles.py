@@ -6,8 +6,9 @@
 For each shape (``batch x dim x L``, one group scanning left to right, N = 1) every tile of
 ``block_d`` channels x ``block_t`` steps run by ``warps`` warps is timed, replayed from a CUDA
 graph (kernel time alone), forward and backward, next to the geometry ``plan`` picks now.
-Forward chunks keep ``plan``'s length (backward must cut the sequence where forward saved its
-states); backward tries that length and its multiples. Prints the fastest tiles per shape.
+Chunk lengths run from 128 steps to the first that covers the sequence (``--block-t`` sets
+them); backward skips those that do not start where forward saved a state. Prints the fastest
+tiles per shape.
 """
 import torch
 import triton
@@ -19,6 +20,9 @@ from mmgroupmamba.ops.triton_scan_n1 import LaunchConfig
 def parse_args():
     parser = scan_benchmark_parser(__doc__)
     parser.add_argument('--block-d', type=int, nargs='+', default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument('--block-t', type=int, nargs='+', help='chunk lengths (powers of two)')
+    parser.add_argument('--passes', nargs='+', default=['forward', 'backward'],
+                        choices=['forward', 'backward'])
     parser.add_argument('--warps', type=int, nargs='+', default=[1, 2, 4, 8])
     parser.add_argument('--max-tile', type=int, default=4096,
                         help='largest block_d * block_t tried')
@@ -38,8 +42,9 @@ def main():
           f'triton {triton.__version__}  dtype {args.dtype}  (kernel ms, CUDA-graph replay)')
     for batch, dim, L in args.shapes:
         shape = f'{batch}x{dim}x{L}'
-        results = sweep_scan_tiles(batch, dim, L, dtype, block_ds=args.block_d, warps=args.warps,
-                                   max_tile=args.max_tile, rep=args.rep)
+        results = sweep_scan_tiles(batch, dim, L, dtype, block_ds=args.block_d,
+                                   block_ts=args.block_t, warps=args.warps,
+                                   max_tile=args.max_tile, rep=args.rep, passes=args.passes)
         for name, (current, times) in results.items():
             ranked = sorted(times.items(), key=lambda item: item[1])
             best = ', '.join(f'{_tile(cfg)} {ms:.4f}' for cfg, ms in ranked[:args.top])
