@@ -5,7 +5,7 @@ Python call's host work counts whenever it takes longer than that flush, so shor
 also timed replayed from a captured CUDA graph (:func:`graph_ms`): kernel time alone.
 """
 import argparse
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -104,10 +104,10 @@ def sweep_scan_tiles(batch: int, dim: int, L: int, dtype: torch.dtype = torch.fl
                      block_ts: Optional[Sequence[int]] = None,
                      warps: Sequence[int] = (1, 2, 4, 8), max_tile: int = 4096, rep: int = 60,
                      passes: Sequence[str] = ('forward', 'backward')
-                     ) -> Dict[str, Tuple[LaunchConfig, Dict[LaunchConfig, float]]]:
+                     ) -> Iterator[Tuple[str, LaunchConfig, Dict[LaunchConfig, float]]]:
     """Kernel milliseconds (CUDA-graph replay) of the N = 1 scan per launch geometry, for one
-    group of ``dim`` channels scanning ``L`` steps left to right:
-    ``{'forward' | 'backward': (the geometry plan() picks, {geometry: ms})}``. Chunk lengths are
+    group of ``dim`` channels scanning ``L`` steps left to right: yields, per pass,
+    ``('forward' | 'backward', the geometry plan() picks, {geometry: ms})``. Chunk lengths are
     ``block_ts`` (default :func:`chunk_lengths`); backward skips those that do not start at a
     saved state."""
     inputs = scan_inputs(batch, dim, L, 1, dtype)
@@ -122,11 +122,9 @@ def sweep_scan_tiles(batch: int, dim: int, L: int, dtype: torch.dtype = torch.fl
     lengths = {'forward': list(block_ts or chunk_lengths(L))}
     lengths['backward'] = [t for t in lengths['forward']
                            if t % triton_scan_n1._STATE_T == 0 or t >= L]
-    results = {}
     for name in passes:
         tiles = [cfg for block_t in lengths[name]
                  for cfg in candidate_tiles(dim, block_t, block_ds, warps, max_tile)]
         # dict.fromkeys: the planned geometry first, each geometry once.
-        results[name] = (planned[name], {cfg: graph_ms(lambda: runs[name](cfg), rep)
-                                         for cfg in dict.fromkeys([planned[name], *tiles])})
-    return results
+        yield name, planned[name], {cfg: graph_ms(lambda: runs[name](cfg), rep)
+                                    for cfg in dict.fromkeys([planned[name], *tiles])}

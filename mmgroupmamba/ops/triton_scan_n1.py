@@ -10,11 +10,12 @@ while the previous chunk is scanned; a program of a single chunk (``PREFETCH`` o
 holds fewer registers, so that more programs share an SM.
 
 Forward stores the state every ``_STATE_T`` steps (``(batch * dim, ceil(L / _STATE_T))`` float32,
-whatever its own chunk length); backward walks its chunks last to first, recomputes a chunk's states
-from the saved one at its start (its chunks are whole multiples of ``_STATE_T``), and runs the adjoint ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` as a
-reverse scan. The shifted decay ``a_{t+1}`` comes from a second load of ``delta`` one step on (a
-cache hit). dB/dC are summed over the program's channels in registers; programs of one group add up
-with float32 atomics only when a group spans several channel blocks. dA, dD and ddelta_bias reduce
+whatever its own chunk length); backward walks its chunks last to first, recomputes a chunk's
+states from the saved one at its start (its chunks are whole multiples of ``_STATE_T``), and runs
+the adjoint ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` as a reverse scan. The shifted decay ``a_{t+1}``
+comes from a second load of ``delta`` one step on (a cache hit). dB/dC are summed over the
+program's channels in registers; programs of one group add up with float32 atomics only when a
+group spans several channel blocks. dA, dD and ddelta_bias reduce
 over steps in registers and over the batch with atomics.
 
 Launch geometry comes from a small table keyed by coarse shape buckets (powers of two), so the

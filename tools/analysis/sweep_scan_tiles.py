@@ -42,10 +42,9 @@ def main():
           f'triton {triton.__version__}  dtype {args.dtype}  (kernel ms, CUDA-graph replay)')
     for batch, dim, L in args.shapes:
         shape = f'{batch}x{dim}x{L}'
-        results = sweep_scan_tiles(batch, dim, L, dtype, block_ds=args.block_d,
-                                   block_ts=args.block_t, warps=args.warps,
-                                   max_tile=args.max_tile, rep=args.rep, passes=args.passes)
-        for name, (current, times) in results.items():
+        for name, current, times in sweep_scan_tiles(
+                batch, dim, L, dtype, block_ds=args.block_d, block_ts=args.block_t,
+                warps=args.warps, max_tile=args.max_tile, rep=args.rep, passes=args.passes):
             ranked = sorted(times.items(), key=lambda item: item[1])
             best = ', '.join(f'{_tile(cfg)} {ms:.4f}' for cfg, ms in ranked[:args.top])
             print(f'{shape} {name}: plan {_tile(current)} {times[current]:.4f} ms | '
