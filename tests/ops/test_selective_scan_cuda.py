@@ -177,16 +177,20 @@ INTERPRETER_CHECK = textwrap.dedent('''
     from mmgroupmamba.ops import torch_scan, triton_scan, triton_scan_n1
     # Several chunks even for these short sequences; backward's chunk twice forward's. States
     # saved inside forward's chunks (state spacing 8, chunks 16), then once every few chunks
-    # (spacing 32, chunks 8).
+    # (spacing 32, chunks 8); then one-row programs of several chunks.
     triton_scan._MAX_CHUNK = 16
     triton_scan_n1._LONG_L, triton_scan_n1._LONG_BWD_T = 40, 32
     torch.manual_seed(0)
     cases = [(2, 8, 4, 2, 5, 7, (0, 1, 2, 3)), (1, 6, 2, 1, 3, 11, (0, 0)), (2, 8, 4, 1, 6, 4, (3, 2, 1, 0)),
              (2, 12, 2, 1, 7, 9, (1, 2)), (3, 4, 1, 1, 1, 1, (0, ))]
-    settings = [(16, 8), (8, 32)]
-    for (max_t, state_t), (batch, dim, groups, N, H, W, directions) in (
+    settings = [dict(_MAX_T=16, _STATE_T=8), dict(_MAX_T=8, _STATE_T=32),
+                dict(_MANY_ROWS=1, _SHORT_T=8, _STATE_T=8, _ROW_T=8, _ROW_LONG_L=40,
+                     _ROW_LONG_T=16)]
+    defaults = {name: getattr(triton_scan_n1, name) for setting in settings for name in setting}
+    for setting, (batch, dim, groups, N, H, W, directions) in (
             (setting, case) for setting in settings for case in cases):
-        triton_scan_n1._MAX_T, triton_scan_n1._STATE_T = max_t, state_t
+        for name, value in dict(defaults, **setting).items():
+            setattr(triton_scan_n1, name, value)
         L = H * W
         args = (torch.randn(batch, dim, L), 0.5 * torch.randn(batch, dim, L), -0.2 - torch.rand(dim, N),
                 torch.randn(batch, groups, N, L), torch.randn(batch, groups, N, L), torch.randn(dim),
@@ -200,7 +204,7 @@ INTERPRETER_CHECK = textwrap.dedent('''
         for out, ref in zip((y, ) + grads, (y_ref, ) + refs):
             if ref.abs().max() > 0:  # dA is exactly zero for L = 1
                 err = ((out.double() - ref).norm() / ref.norm()).item()
-                assert err < 1e-5, (max_t, state_t, L, err)
+                assert err < 1e-5, (setting, L, err)
     print('ok')
 ''')
 
@@ -232,16 +236,22 @@ def test_saved_shapes_match_the_launch_plans():
 
 def test_launch_plans_are_consistent():
     """Power-of-two tiles inside the group; backward cuts where forward saved its states; short
-    sequences (one chunk) run in one-warp programs."""
-    for dim_per_group in (1, 16, 87, 112):
-        for L in list(range(1, 600, 7)) + [784, 3136, 4096, 12544]:
-            fwd, bwd = triton_scan_n1.plan(128, dim_per_group, 4, L)
-            for cfg in (fwd, bwd):
-                for value in cfg:
-                    assert value & (value - 1) == 0, (L, cfg)
-                assert cfg.block_d <= triton.next_power_of_2(dim_per_group), (L, cfg)
-            assert bwd.block_t % triton_scan_n1._STATE_T == 0 or bwd.block_t >= L, (L, bwd)
-            if L <= 256:
-                assert fwd.block_t >= L and fwd.warps == bwd.warps == 1, (L, fwd, bwd)
-            else:
-                assert fwd.warps >= 4, (L, fwd)
+    sequences (one chunk) run in one-warp programs; with many rows (batch x channels), longer
+    ones run one row per program in one or two warps, and with few, in tiles of 4 warps or more."""
+    for batch in (1, 2, 128):
+        for dim_per_group in (1, 16, 87, 112):
+            many_rows = batch * 4 * dim_per_group >= 2048
+            for L in list(range(1, 600, 7)) + [784, 3136, 4096, 12544, 60800]:
+                fwd, bwd = triton_scan_n1.plan(batch, dim_per_group, 4, L)
+                for cfg in (fwd, bwd):
+                    for value in cfg:
+                        assert value & (value - 1) == 0, (L, cfg)
+                    assert cfg.block_d <= triton.next_power_of_2(dim_per_group), (L, cfg)
+                assert bwd.block_t % triton_scan_n1._STATE_T == 0 or bwd.block_t >= L, (L, bwd)
+                if L <= 256:
+                    assert fwd.block_t >= L and fwd.warps == 1 and bwd.warps == 1, (L, fwd, bwd)
+                elif many_rows:
+                    assert fwd.block_d == 1 and fwd.warps <= 2, (batch, L, fwd)
+                    assert bwd == (1, 128, 1), (batch, L, bwd)
+                else:
+                    assert fwd.warps >= 4 and bwd.warps >= 4, (batch, L, fwd, bwd)
