@@ -53,15 +53,15 @@ _SHORT_T = 256
 _SHORT_FWD_TILE = 128
 _SHORT_BWD_D = 2
 # From this many rows (batch x channels) on, longer sequences too run one row per program in
-# one or two warps: the scans, the carry and the channel sums then stay inside a warp, with no
-# shared-memory round trips or barriers. The same H200 sweep (L = 196 to 4096, batch 128): forward
-# 1x128 steps in one warp (1x256 in two from _ROW_LONG_L steps), backward 1x128 in one warp;
-# 1.2-1.3x and 1.3-1.5x faster than the tiles above. Fewer rows would leave the GPU idle.
+# one warp: the scans, the carry and the channel sums then stay inside the warp, with no
+# shared-memory round trips or barriers. Sweeps on an H200 (L = 196 to 4096, batch 128; see
+# docs/benchmarks.md): forward chunks of 128 steps (256 from _ROW_LONG_L steps), backward chunks
+# of 128; forward 1.2-1.3x, backward 1.3-1.5x faster than the tiles above. Fewer rows would
+# leave the GPU idle.
 _MANY_ROWS = 2048
 _ROW_T = 128
 _ROW_LONG_L = 2048
 _ROW_LONG_T = 256
-_ROW_LONG_WARPS = 2
 # Below this many programs the GPU idles; channel blocks shrink towards one channel to reach it.
 # Backward's programs are heavier, and more of them hide its latency better.
 _FWD_MIN_PROGRAMS = 512
@@ -85,8 +85,7 @@ def plan(batch: int, dim_per_group: int, groups: int, L: int) -> Tuple[LaunchCon
         # One chunk per program: small one-warp tiles, many programs resident per SM.
         fwd = LaunchConfig(min(most, max(1, _SHORT_FWD_TILE // fwd_t)), fwd_t, 1)
     elif many_rows:
-        fwd = (LaunchConfig(1, _ROW_T, 1) if L < _ROW_LONG_L
-               else LaunchConfig(1, _ROW_LONG_T, _ROW_LONG_WARPS))
+        fwd = LaunchConfig(1, _ROW_T if L < _ROW_LONG_L else _ROW_LONG_T, 1)
     else:
         fwd = LaunchConfig(_block_d(batch, dim_per_group, groups, _TILE // fwd_t, _FWD_MIN_PROGRAMS),
                            fwd_t, _WARPS)
