@@ -56,8 +56,9 @@ _SHORT_BWD_D = 2
 # one warp: the scans, the carry and the channel sums then stay inside the warp, with no
 # shared-memory round trips or barriers. Sweeps on an H200 (L = 196 to 4096, batch 128; see
 # docs/benchmarks.md): forward chunks of 128 steps (256 from _ROW_LONG_L steps), backward chunks
-# of 128; forward 1.2-1.3x, backward 1.3-1.5x faster than the tiles above. Fewer rows would
-# leave the GPU idle.
+# of 128; forward 1.15-1.3x, backward 1.4-1.7x faster than the tiles above. Fewer rows (dense
+# tasks at 2 images per GPU, batch-1 inference) keep those tiles: one-warp programs would leave
+# most of the GPU idle there (not measured).
 _MANY_ROWS = 2048
 _ROW_T = 128
 _ROW_LONG_L = 2048
@@ -87,8 +88,8 @@ def plan(batch: int, dim_per_group: int, groups: int, L: int) -> Tuple[LaunchCon
     elif many_rows:
         fwd = LaunchConfig(1, _ROW_T if L < _ROW_LONG_L else _ROW_LONG_T, 1)
     else:
-        fwd = LaunchConfig(_block_d(batch, dim_per_group, groups, _TILE // fwd_t, _FWD_MIN_PROGRAMS),
-                           fwd_t, _WARPS)
+        fwd = LaunchConfig(
+            _block_d(batch, dim_per_group, groups, _TILE // fwd_t, _FWD_MIN_PROGRAMS), fwd_t, _WARPS)
     # Backward's chunks start where forward saved a state, or one chunk covers the sequence.
     if many_rows and L > _STATE_T:
         bwd = LaunchConfig(1, max(_ROW_T, _STATE_T), 1)
