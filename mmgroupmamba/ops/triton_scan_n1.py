@@ -15,8 +15,8 @@ states from the saved one at its start (its chunks are whole multiples of ``_STA
 the adjoint ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` as a reverse scan. The shifted decay ``a_{t+1}``
 comes from a second load of ``delta`` one step on (a cache hit). dB/dC are summed over the
 program's channels in registers; programs of one group add up with float32 atomics only when a
-group spans several channel blocks. dA, dD and ddelta_bias reduce
-over steps in registers and over the batch with atomics.
+group spans several channel blocks. dA, dD and ddelta_bias reduce over steps in registers and over
+the batch with atomics.
 
 Launch geometry comes from a small table keyed by coarse shape buckets (powers of two), so the
 changing image sizes of detection reuse a handful of compiled kernels.
