@@ -289,7 +289,8 @@ def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
             inner = ((lane + 1) % STATE_T == 0) & (lane + 1 < BLOCK_T) & (t + 1 < L)
             tl.store(state_ptr + state_row[:, None] + ((t + 1) // STATE_T)[None, :], hs,
                      mask=d_mask[:, None] & inner[None, :])
-        h = tl.sum(tl.where(lane[None, :] == BLOCK_T - 1, hs, 0.0), axis=1)
+        if PREFETCH:  # a next chunk exists, and needs the carry
+            h = tl.sum(tl.where(lane[None, :] == BLOCK_T - 1, hs, 0.0), axis=1)
 
 
 @triton.jit
@@ -389,7 +390,8 @@ def _scan_n1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
         p_cum, q_cum = tl.associative_scan((a1, Ct * dy), axis=1,
                                            combine_fn=affine_combine, reverse=True)
         adj = p_cum * g_next[:, None] + q_cum
-        g_next = tl.sum(tl.where(lane[None, :] == 0, adj, 0.0), axis=1)
+        if PREFETCH:
+            g_next = tl.sum(tl.where(lane[None, :] == 0, adj, 0.0), axis=1)
 
         # a_t h_{t-1} = h_t - b_t: the previous state without shifting h across lanes.
         decayed_prev = h - bu
