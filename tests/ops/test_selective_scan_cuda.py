@@ -222,8 +222,9 @@ def test_interpreter_matches_reference():
 
 
 def test_saved_shapes_match_the_launch_plans():
-    """The shape functions' state sizes (what ``torch.compile`` allocates for) equal what the
-    launch plans make forward write, for every sequence length and state size in range."""
+    """The shape functions' state sizes (what ``torch.compile`` allocates for) equal what
+    forward writes, for every sequence length and state size in range: for N = 1 one state per
+    ``_STATE_T`` steps whatever the plan, otherwise one per chunk of the launch tile."""
     for L in list(range(1, 700)) + [3136, 4096, 12544, 50000]:
         for N in (1, 2, 3, 4, 16):
             (shape, ) = triton_scan.saved_shapes(2, 8, 4, N, L)
