@@ -62,17 +62,25 @@ def graph_ms(fn: Callable[[], object], rep: int = 200) -> float:
 
 
 def scan_inputs(batch: int, dim: int, L: int, N: int = 1, dtype: torch.dtype = torch.float32,
-                device: str = 'cuda') -> Dict[str, object]:
+                device: str = 'cuda', all_directions: bool = False) -> Dict[str, object]:
     """Keyword arguments of ``scan_forward`` for one channel group scanning left to right, with
-    D, delta_bias and softplus as in the model (decays in (0.2, 1.2), as after training)."""
+    D, delta_bias and softplus as in the model (decays in (0.2, 1.2), as after training).
+
+    ``all_directions``: four groups instead, one per direction, as the model calls the scan, over
+    the most nearly square ``H x W`` map of ``L`` tokens (``dim`` a multiple of 4).
+    """
+    groups = 4 if all_directions else 1
+    if dim % groups:
+        raise ValueError(f'four directions need dim divisible by 4, got {dim}')
+    H = max(h for h in range(1, int(L ** 0.5) + 1) if L % h == 0) if all_directions else 1
     dev = dict(device=device)
     return dict(u=torch.randn(batch, dim, L, **dev).to(dtype),
                 delta=(0.5 * torch.randn(batch, dim, L, **dev)).to(dtype),
                 A=-(0.2 + torch.rand(dim, N, **dev)),
-                B=torch.randn(batch, 1, N, L, **dev).to(dtype),
-                C=torch.randn(batch, 1, N, L, **dev).to(dtype),
+                B=torch.randn(batch, groups, N, L, **dev).to(dtype),
+                C=torch.randn(batch, groups, N, L, **dev).to(dtype),
                 D=torch.randn(dim, **dev), delta_bias=torch.randn(dim, **dev),
-                delta_softplus=True, directions=(0, ), spatial_shape=(1, L))
+                delta_softplus=True, directions=tuple(range(groups)), spatial_shape=(H, L // H))
 
 
 def scan_io_bytes(inputs: Dict[str, object]) -> int:

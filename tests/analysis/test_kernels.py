@@ -26,6 +26,17 @@ def test_inputs_fit_the_scan_and_bytes_count_u_delta_b_c_y():
     assert scan_io_bytes(inputs) == (3 * 60 + 2 * 20) * 2
 
 
+def test_all_directions_inputs_scan_a_map_in_four_groups():
+    inputs = scan_inputs(2, 8, 12, device='cpu', all_directions=True)
+    assert inputs['directions'] == (0, 1, 2, 3) and inputs['spatial_shape'] == (3, 4)
+    assert inputs['B'].shape == (2, 4, 1, 12)
+    y, _ = torch_scan.scan_forward(*inputs.values(), torch.float32)
+    assert y.shape == (2, 8, 12)
+    assert scan_inputs(1, 4, 7, device='cpu', all_directions=True)['spatial_shape'] == (1, 7)
+    with pytest.raises(ValueError, match='divisible by 4'):
+        scan_inputs(1, 6, 4, device='cpu', all_directions=True)
+
+
 def test_sweep_candidates():
     tiles = candidate_tiles(87, 256, block_ds=(1, 2, 4, 128, 256), warps=(1, 8), max_tile=2048)
     # 256 channels is past the group (87 -> 128); 8 warps need 256 elements; 2048 at most.

@@ -4,7 +4,11 @@
     python tools/analysis/benchmark_scan.py --dtype bfloat16 --shapes 128x16x3136
 
 Shapes are ``batch x dim x L``: one channel group scanning left to right, N = 1, with D,
-delta_bias and softplus as in the model. Effective bandwidth counts the bytes of u, delta, B and
+delta_bias and softplus as in the model; ``--all-directions`` scans four groups instead, one per
+direction, over the most nearly square ``H x W`` map of ``L`` tokens, as the model does:
+
+    python tools/analysis/benchmark_scan.py --all-directions --shapes 128x64x3136 128x128x784 \
+        128x348x196 128x448x49 2x64x60800 2x448x950 Effective bandwidth counts the bytes of u, delta, B and
 C read and y written, over forward time. Times are medians of CUDA-event timings after warm-up,
 with the L2 cache flushed before each call; a call's Python and launch work counts when it takes
 longer than that flush. The "graph" columns replay the Triton calls as captured CUDA graphs: kernel
@@ -21,12 +25,14 @@ from mmgroupmamba.ops import torch_scan, triton_scan
 def parse_args():
     parser = scan_benchmark_parser(__doc__)
     parser.add_argument('--state-dim', type=int, default=1)
+    parser.add_argument('--all-directions', action='store_true',
+                        help='four channel groups, one per scan direction (dim divisible by 4)')
     return parser.parse_args()
 
 
-def benchmark_shape(batch, dim, L, N, dtype):
+def benchmark_shape(batch, dim, L, N, dtype, all_directions=False):
     """Returns ``{backend: (forward ms, backward ms)}`` and the bytes the forward must move."""
-    inputs = scan_inputs(batch, dim, L, N, dtype)
+    inputs = scan_inputs(batch, dim, L, N, dtype, all_directions=all_directions)
     args = tuple(inputs.values())
     dy = torch.randn_like(inputs['u'])
     times = {}
@@ -44,7 +50,8 @@ def main():
     args = parse_args()
     dtype = getattr(torch, args.dtype)
     print(f'GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  '
-          f'triton {triton.__version__}  dtype {args.dtype}  N {args.state_dim}')
+          f'triton {triton.__version__}  dtype {args.dtype}  N {args.state_dim}  '
+          f'directions {"all four" if args.all_directions else "left_right"}')
     header = (f'{"shape":>14} | {"triton fwd ms":>13} {"bwd ms":>8} {"fwd GB/s":>9} | '
               f'{"graph fwd ms":>13} {"bwd ms":>8} {"fwd GB/s":>9} | '
               f'{"torch fwd ms":>13} {"bwd ms":>8} {"fwd GB/s":>9}')
@@ -52,7 +59,8 @@ def main():
     print('-' * len(header))
     for batch, dim, L in args.shapes:
         shape = f'{batch}x{dim}x{L}'
-        times, io_bytes = benchmark_shape(batch, dim, L, args.state_dim, dtype)
+        times, io_bytes = benchmark_shape(batch, dim, L, args.state_dim, dtype,
+                                           args.all_directions)
         cells = []
         for name in ('triton', 'graph', 'torch'):
             fwd, bwd = times[name]
