@@ -10,10 +10,10 @@ direction, over the most nearly square ``H x W`` map of ``L`` tokens, as the mod
     python tools/analysis/benchmark_scan.py --all-directions --shapes 128x64x3136 128x128x784 \
         128x348x196 128x448x49 2x64x60800 2x448x950
 
-Effective bandwidth counts the bytes of u, delta, B and C read and y written, over forward time. Times are medians of CUDA-event timings after warm-up,
-with the L2 cache flushed before each call; a call's Python and launch work counts when it takes
-longer than that flush. The "graph" columns replay the Triton calls as captured CUDA graphs: kernel
-time alone.
+Effective bandwidth counts the bytes of u, delta, B and C read and y written, over forward time.
+Times are medians of CUDA-event timings after warm-up, with the L2 cache flushed before each
+call; a call's Python and launch work counts when it takes longer than that flush. The "graph"
+columns replay the Triton calls as captured CUDA graphs: kernel time alone.
 """
 import torch
 import triton
