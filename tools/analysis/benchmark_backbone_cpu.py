@@ -1,4 +1,4 @@
-"""CPU forward time of the GroupMamba backbone next to timm's Swin-T (eval, no grad).
+r"""CPU forward time of the GroupMamba backbone next to timm's Swin-T (eval, no grad).
 
 The two models are timed in alternating rounds and each reports its best round, so that load
 from other processes on a shared machine affects both alike.

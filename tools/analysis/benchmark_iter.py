@@ -1,4 +1,4 @@
-"""Time of one training iteration and its peak memory for detection / segmentation configs.
+r"""Time of one training iteration and its peak memory for detection / segmentation configs.
 
     python tools/analysis/benchmark_iter.py configs/mask_rcnn/gm_t_1x_coco.py \
         mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py --shape 800 1216 --batch-size 2 --amp

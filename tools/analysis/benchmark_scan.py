@@ -1,4 +1,4 @@
-"""Selective-scan speed on one GPU: Triton kernels next to the torch (reference) path.
+r"""Selective-scan speed on one GPU: Triton kernels next to the torch (reference) path.
 
     python tools/analysis/benchmark_scan.py                      # GroupMamba-T shapes, fp32
     python tools/analysis/benchmark_scan.py --dtype bfloat16 --shapes 128x16x3136

@@ -1,4 +1,4 @@
-"""Whether the compiled GroupMamba backbone follows changing image sizes: graphs compiled per size,
+r"""Whether the compiled GroupMamba backbone follows changing image sizes: graphs compiled per size,
 time per call and errors against eager.
 
     python tools/analysis/compile_check.py --detection-sizes 20 --batch-size 2 --device cuda

@@ -1,4 +1,4 @@
-"""Where the time of a detection or segmentation training iteration goes: torch.profiler tables.
+r"""Where the time of a detection or segmentation training iteration goes: torch.profiler tables.
 
     python tools/analysis/profile_iter.py configs/upernet/gm_t_160k_ade20k.py --shape 512 512
     python tools/analysis/profile_iter.py configs/mask_rcnn/gm_t_1x_coco.py --shape 800 1216 \
