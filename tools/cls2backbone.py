@@ -9,21 +9,21 @@ trained with EMAHook), or one written by tools/convert_official.py. The output h
 """
 import argparse
 
-import torch
 from mmengine.runner import CheckpointLoader
 
+from mmgroupmamba.engine import save_checkpoint_atomic
 from mmgroupmamba.models import backbone_state_dict
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('src', help='classification checkpoint')
+    parser.add_argument('src', help='classification checkpoint (a file or a URL)')
     parser.add_argument('dst', help='backbone checkpoint to write')
     args = parser.parse_args()
     checkpoint = CheckpointLoader.load_checkpoint(args.src, map_location='cpu')
     state_dict = backbone_state_dict(checkpoint)
-    torch.save(dict(state_dict=state_dict), args.dst)
+    save_checkpoint_atomic(dict(state_dict=state_dict), args.dst)
     print(f'{len(state_dict)} backbone tensors '
           f'({sum(v.numel() for v in state_dict.values()):,} values) written to {args.dst}')
 

@@ -11,15 +11,18 @@ import os
 
 from mmengine.config import DictAction
 
-from mmgroupmamba.engine.runner import (build_runner, check_checkpoint_fits, configure_test,
-                                        end_cpu_distributed_process, load_config)
+from mmgroupmamba.engine.runner import (REFUSALS, build_runner, check_checkpoint_fits,
+                                        configure_test, discard_refused_run,
+                                        end_cpu_distributed_process, load_config,
+                                        work_dir_entries)
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config', help='test config file')
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('checkpoint', help='checkpoint: a file, or a URL / open-mmlab:// ... '
+                        'name that mmengine loads')
     parser.add_argument('--work-dir', help='where the metrics and logs go '
                         '(default: the config\'s work_dir, else work_dirs/<config name>)')
     parser.add_argument('--out', help='dump predictions: a .pkl file (detection, '
@@ -49,12 +52,21 @@ def main():
                        show_dir=args.show_dir, wait_time=args.wait_time, tta=args.tta)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
-    runner = build_runner(cfg)
+    existed = work_dir_entries(cfg)
+    try:
+        runner = build_runner(cfg)
+    except Exception:
+        discard_refused_run(cfg.work_dir, existed)
+        raise
     try:
         check_checkpoint_fits(runner.model, args.checkpoint)
-    except ValueError as error:
+    except REFUSALS as error:
+        discard_refused_run(cfg.work_dir, existed)
         raise SystemExit(f'error: {error}')
-    runner.test()
+    try:
+        runner.test()
+    except FloatingPointError as error:  # non-finite outputs: no metric to report
+        raise SystemExit(f'error: {error}')
     end_cpu_distributed_process()
 
 

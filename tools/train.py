@@ -10,8 +10,9 @@ import os
 
 from mmengine.config import DictAction
 
-from mmgroupmamba.engine.runner import (build_runner, configure_train,
-                                        end_cpu_distributed_process, load_config)
+from mmgroupmamba.engine.runner import (REFUSALS, build_runner, configure_train,
+                                        discard_refused_run, end_cpu_distributed_process,
+                                        load_config, work_dir_entries)
 
 
 def parse_args():
@@ -21,8 +22,8 @@ def parse_args():
     parser.add_argument('--work-dir', help='where logs and checkpoints go '
                         '(default: the config\'s work_dir, else work_dirs/<config name>)')
     parser.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
-                        help='resume from CKPT; without CKPT, from the latest checkpoint in '
-                        'the work dir')
+                        help='resume from CKPT; without CKPT, from the newest checkpoint in '
+                        'the work dir that loads')
     parser.add_argument('--amp', action='store_true',
                         help='automatic mixed precision (AmpOptimWrapper, dynamic loss scale)')
     parser.add_argument('--auto-scale-lr', action='store_true',
@@ -45,7 +46,20 @@ def main():
         configure_train(cfg, resume=args.resume, amp=args.amp, auto_scale_lr=args.auto_scale_lr)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
-    build_runner(cfg).train()
+    existed = work_dir_entries(cfg)
+    try:
+        runner = build_runner(cfg)
+    except Exception:
+        discard_refused_run(cfg.work_dir, existed)
+        raise
+    try:
+        runner.train()
+    except REFUSALS as error:
+        # Raised while loading weights, before the first iteration: nothing worth keeping.
+        discard_refused_run(cfg.work_dir, existed)
+        raise SystemExit(f'error: {error}')
+    except FloatingPointError as error:
+        raise SystemExit(f'error: {error}')
     end_cpu_distributed_process()
 
 

@@ -19,6 +19,10 @@ distillation = True
 default_scope = 'mmgroupmamba'
 custom_imports = dict(imports=['mmgroupmamba'], allow_failed_imports=False)
 
+# Atomic checkpoints, auto-resume from the newest checkpoint that loads, and exact resume (random
+# states in every checkpoint), for tools/train.py and mmdet's/mmseg's own tools alike.
+runner_type = 'DurableRunner'
+
 num_classes = 1000
 model = dict(
     type='ImageClassifier',
@@ -118,8 +122,10 @@ default_hooks = dict(
 )
 # EMA with decay 0.9999 (timm's ModelEma of the official code: parameters and buffers). The
 # checkpoints' state_dict holds the EMA weights; the raw ones are under ema_state_dict.
+# NonFiniteLossHook stops at the first non-finite loss, naming the iteration.
 custom_hooks = [
     dict(type='EMAHook', ema_type='ExponentialMovingAverage', momentum=1e-4, update_buffers=True),
+    dict(type='NonFiniteLossHook', patience=0),
 ]
 env_cfg = dict(
     cudnn_benchmark=True,

@@ -9,6 +9,12 @@ _base_ = [
 ]
 custom_imports = dict(imports=['mmgroupmamba'], allow_failed_imports=False)
 
+# Atomic checkpoints, auto-resume from the newest checkpoint that loads, and exact resume (random
+# states in every checkpoint), for tools/train.py and mmdet's/mmseg's own tools alike.
+runner_type = 'DurableRunner'
+# Stop at the first non-finite loss, naming the iteration (patience: how many in a row to allow).
+custom_hooks = [dict(type='NonFiniteLossHook', patience=0)]
+
 # The ImageNet-pretrained GroupMamba-T ('backbone.'-prefixed keys), either the official release
 # converted by
 #   python tools/convert_official.py groupmamba_tiny.pth checkpoints/groupmamba_tiny_backbone.pth

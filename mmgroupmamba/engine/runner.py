@@ -4,7 +4,9 @@ configs, behaving like MMDetection's and MMSegmentation's own tools.
 
 The flow is ``load_config`` -> ``configure_train`` / ``configure_test`` -> ``build_runner``.
 Everything that can be checked from the command line alone (files exist, the config has what an
-option needs) is checked before the Runner is built, so a bad invocation writes nothing.
+option needs) is checked before the Runner is built, so a bad invocation writes nothing; a run
+refused once the Runner exists (a checkpoint that is untrusted, corrupt, cannot be downloaded or
+does not fit the model) is undone by :func:`discard_refused_run`.
 """
 import datetime
 import importlib
@@ -12,19 +14,30 @@ import logging
 import os
 import os.path as osp
 import re
+import shutil
 import sys
 
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, ConfigDict
+from mmengine.device import get_device
+from mmengine.dist import is_main_process
 from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.registry import RUNNERS, init_default_scope
-from mmengine.runner import Runner
+from mmengine.runner import CheckpointLoader
 
-from .checkpoint import load_checkpoint_file
+from ..models.weights import NonFiniteWeightsError, WeightsMismatchError, check_weights_fit
+from .checkpoint import CheckpointDownloadError, CorruptCheckpointError, UntrustedCheckpointError
+from .durable_runner import DurableRunner
 
-__all__ = ['SCOPES', 'load_config', 'configure_train', 'configure_test', 'build_runner',
-           'check_checkpoint_fits', 'end_cpu_distributed_process']
+__all__ = ['SCOPES', 'REFUSALS', 'load_config', 'configure_train', 'configure_test',
+           'build_runner', 'check_checkpoint_fits', 'discard_refused_run', 'work_dir_entries',
+           'end_cpu_distributed_process']
+
+# The errors by which a run is refused before it starts: the checkpoint or the weights it
+# brings cannot be used. Anything else is a failure of the run itself, whose logs are kept.
+REFUSALS = (UntrustedCheckpointError, CorruptCheckpointError, CheckpointDownloadError,
+            WeightsMismatchError, NonFiniteWeightsError)
 
 # default_scope -> module whose import registers that scope's modules.
 SCOPES = {
@@ -78,6 +91,9 @@ def configure_train(cfg, resume=None, amp=False, auto_scale_lr=False):
         Config: ``cfg``.
     """
     if amp:
+        if get_device() == 'cpu':
+            raise ValueError('--amp (mixed precision) needs a GPU or another accelerator; this '
+                             'machine has none, so train in float32 without --amp')
         wrapper = cfg.get('optim_wrapper')
         if wrapper is None:
             raise ValueError('--amp needs an optim_wrapper in the config')
@@ -141,7 +157,8 @@ def configure_test(cfg, checkpoint, out=None, show=False, show_dir=None, wait_ti
 
 
 def build_runner(cfg):
-    """Register the config's scope and build its Runner (``runner_type`` if it names one).
+    """Register the config's scope and build its Runner: ``runner_type`` if the config names
+    one, else :class:`DurableRunner` (atomic checkpoints, exact resume).
 
     Without CUDA, a distributed launch runs on CPU processes: the gloo backend, and
     DistributedDataParallel without device ids.
@@ -156,7 +173,7 @@ def build_runner(cfg):
         _prepare_cpu_distributed(cfg)
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+    return DurableRunner.from_cfg(cfg)
 
 
 def check_checkpoint_fits(model, checkpoint):
@@ -165,41 +182,62 @@ def check_checkpoint_fits(model, checkpoint):
     mmengine loads ``load_from`` non-strictly: a checkpoint of another architecture (a GM-S
     detector tested with a GM-T config, say) only logs a warning and the half-loaded model is
     evaluated. Here every parameter and buffer of the model must be in the checkpoint with the
-    same shape; keys the model does not have are ignored, as mmengine does.
+    same shape and finite values; keys the model does not have are ignored, as mmengine does.
 
     Args:
         model (nn.Module): the runner's model (wrappers and TTA models are looked through).
-        checkpoint (str): a local file (URLs are left to mmengine).
+        checkpoint (str): anything mmengine's ``CheckpointLoader`` loads (a path, a URL,
+            ``open-mmlab://...``), loaded under the same guard as every other load.
 
     Raises:
-        ValueError: naming the missing keys and the shape mismatches.
+        WeightsMismatchError: naming the shape mismatches (and the GroupMamba variant the
+            checkpoint holds) or the missing keys.
+        NonFiniteWeightsError: naming the tensors holding NaN or inf.
+        UntrustedCheckpointError, CorruptCheckpointError, CheckpointDownloadError: as for any
+            load.
     """
-    if '://' in checkpoint:
-        return
     while is_model_wrapper(model) or isinstance(model, BaseTTAModel):
         model = model.module
-    state = load_checkpoint_file(checkpoint, map_location='cpu')
+    state = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
     state = state.get('state_dict', state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
-        raise ValueError(f'{checkpoint} holds no state dict')
+        raise WeightsMismatchError(f'{checkpoint} holds no state dict')
     state = {re.sub(r'^module\.', '', key): value for key, value in state.items()}
-    own = model.state_dict()
-    mismatched = [
-        f'{key}: checkpoint {tuple(state[key].shape)}, model {tuple(value.shape)}'
-        for key, value in own.items()
-        if key in state and getattr(state[key], 'shape', value.shape) != value.shape
-    ]
-    missing = [key for key in own if key not in state]
-    if mismatched or missing:
-        lines = [f'{checkpoint} does not fit the model of this config '
-                 '(a checkpoint of another architecture or task?):']
-        if mismatched:
-            lines.append(f'size mismatch for {len(mismatched)} tensors, e.g. '
-                         + '; '.join(mismatched[:5]))
-        if missing:
-            lines.append(f'{len(missing)} model tensors missing from the checkpoint, e.g. '
-                         + ', '.join(missing[:5]))
-        raise ValueError('\n  '.join(lines))
+    check_weights_fit(model, state, source=checkpoint)
+    missing = [key for key in model.state_dict() if key not in state]
+    if missing:
+        raise WeightsMismatchError(
+            f'{checkpoint} does not fit the model of this config (a checkpoint of another '
+            f'architecture or task?): {len(missing)} model tensors missing from the checkpoint, '
+            'e.g. ' + ', '.join(missing[:5]))
+
+
+def discard_refused_run(work_dir, existed):
+    """Remove what a run refused before it started wrote to ``work_dir`` (its timestamped log
+    folder, a config dump, the work dir itself if the run created it).
+
+    Args:
+        work_dir (str): the run's work dir.
+        existed (set or None): the work dir's entries before the Runner was built, from
+            :func:`work_dir_entries` (None: it did not exist).
+    """
+    if not is_main_process() or not osp.isdir(work_dir):
+        return
+    if existed is None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return
+    for name in set(os.listdir(work_dir)) - existed:
+        path = osp.join(work_dir, name)
+        if osp.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+
+
+def work_dir_entries(cfg):
+    """The entries of ``cfg.work_dir`` now (None if it does not exist), for
+    :func:`discard_refused_run`."""
+    return set(os.listdir(cfg.work_dir)) if osp.isdir(cfg.work_dir) else None
 
 
 def _check_checkpoint(checkpoint):

@@ -1,18 +1,24 @@
-"""Safe loading of mmengine checkpoints (``mmgroupmamba.engine.checkpoint``)."""
+"""Safe loading of checkpoints from every source, and atomic saving
+(``mmgroupmamba.engine.checkpoint``)."""
 import os
 import pickle
 import re
+import shutil
+import socket
+import zipfile
 
 import pytest
 import torch
 import torch.nn as nn
 from mmengine.model import BaseModel, BaseModule
-from mmengine.runner import Runner, load_checkpoint
+from mmengine.runner import CheckpointLoader, Runner, load_checkpoint
+from mmengine.runner import checkpoint as mmengine_checkpoint
 from torch.utils.data import Dataset
 
 import mmgroupmamba  # noqa: F401  (installs the safe loaders)
-from mmgroupmamba.engine import (CorruptCheckpointError, UntrustedCheckpointError,
-                                 load_checkpoint_file)
+from mmgroupmamba.engine import (CheckpointDownloadError, CorruptCheckpointError,
+                                 UntrustedCheckpointError, load_checkpoint_file,
+                                 save_checkpoint_atomic)
 
 
 class _Regressor(BaseModel):
@@ -181,3 +187,138 @@ def test_plain_state_dict_loads(tmp_path):
     other = nn.Conv2d(3, 4, 3)
     load_checkpoint(other, str(path))
     torch.testing.assert_close(other.weight, model.weight)
+
+
+def test_malformed_tensor_record_is_corrupt(tmp_path):
+    """A record whose storage offset lies beyond its data: torch's bare RuntimeError becomes
+    CorruptCheckpointError naming the file."""
+    path = tmp_path / 'ok.pth'
+    torch.save({'w': torch.arange(10.)}, path)
+    with zipfile.ZipFile(path) as archive:
+        records = {info.filename: archive.read(info.filename) for info in archive.infolist()}
+    pkl = next(name for name in records if name.endswith('data.pkl'))
+    # _rebuild_tensor_v2(storage, offset=0, size=(10,), ...) -> offset 80, past the storage.
+    tampered = records[pkl].replace(b'QK\x00K\n\x85', b'QKPK\n\x85')
+    assert tampered != records[pkl]
+    bad = tmp_path / 'bad.pth'
+    with zipfile.ZipFile(bad, 'w') as archive:
+        for name, data in records.items():
+            archive.writestr(name, tampered if name == pkl else data)
+    with pytest.raises(CorruptCheckpointError, match=re.escape(str(bad))):
+        load_checkpoint_file(str(bad))
+
+
+def test_save_checkpoint_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / 'ckpt.pth'
+    save_checkpoint_atomic({'w': torch.ones(3)}, str(path))
+    assert torch.equal(load_checkpoint_file(str(path))['w'], torch.ones(3))
+
+    def dies_midway(obj, f):
+        f.write(b'PK\x03\x04 half a checkpoint')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, 'save', dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint_atomic({'w': torch.zeros(3)}, str(path))
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint_file(str(path))['w'], torch.ones(3))
+    assert os.listdir(tmp_path) == ['ckpt.pth']  # no temporary file left
+
+
+# ---- Checkpoints from URLs and the other schemes of mmengine's CheckpointLoader -------------
+
+def _serve_malicious(server, tmp_path, name='evil.pth'):
+    marker = tmp_path / f'{name}.marker'
+    torch.save({'state_dict': {'linear.weight': torch.zeros(1, 2)},
+                'meta': _WritesMarker(marker, use_system=True)}, server.root / name)
+    return f'{server.url}/{name}', marker
+
+
+@pytest.fixture
+def server(http_folder, trained):
+    shutil.copy(trained[0], http_folder.root / 'genuine.pth')
+    return http_folder
+
+
+def test_url_malicious_refused_and_not_cached(server, tmp_path):
+    url, marker = _serve_malicious(server, tmp_path)
+    with pytest.raises(UntrustedCheckpointError, match=rf'{re.escape(url)}.*posix\.system'):
+        load_checkpoint(nn.Linear(2, 1), url)
+    assert not marker.exists()
+    assert server.cached() == []
+
+
+def test_url_genuine_loads_and_is_cached(server, trained):
+    _, state = trained
+    model = _Regressor()
+    load_checkpoint(model, f'{server.url}/genuine.pth', map_location='cpu')
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[name])
+    assert server.cached() == ['genuine.pth']
+
+
+def test_url_corrupt_cache_downloaded_again(server):
+    server.cache.mkdir(parents=True)
+    (server.cache / 'genuine.pth').write_bytes(b'PK\x03\x04 a download cut short')
+    checkpoint = CheckpointLoader.load_checkpoint(f'{server.url}/genuine.pth')
+    assert checkpoint['meta']['iter'] == 2
+
+
+def test_url_network_failures_say_download_failed(server):
+    with pytest.raises(CheckpointDownloadError, match=r'Download of checkpoint .*missing\.pth '
+                       r'failed: HTTP Error 404'):
+        CheckpointLoader.load_checkpoint(f'{server.url}/missing.pth')
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(CheckpointDownloadError, match=r'Download of checkpoint .* failed: .*refused'):
+        CheckpointLoader.load_checkpoint(f'http://127.0.0.1:{port}/w.pth')
+    assert server.cached() == []
+
+
+def test_url_in_init_cfg_refused(server, tmp_path):
+    url, marker = _serve_malicious(server, tmp_path, 'pretrained_evil.pth')
+
+    class Wrapper(BaseModule):
+
+        def __init__(self):
+            super().__init__(init_cfg=dict(type='Pretrained', checkpoint=url))
+            self.linear = nn.Linear(2, 1)
+
+    with pytest.raises(UntrustedCheckpointError, match=re.escape(url)):
+        Wrapper().init_weights()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('scheme, table', [
+    ('torchvision://', 'get_torchvision_models'),
+    ('open-mmlab://', 'get_external_models'),
+    ('mmcls://', 'get_mmcls_models'),
+])
+def test_model_zoo_schemes_refused(server, tmp_path, monkeypatch, scheme, table):
+    url, marker = _serve_malicious(server, tmp_path, f'zoo_{table}.pth')
+    monkeypatch.setattr(mmengine_checkpoint, table, lambda: {'evil_net': url})
+    with pytest.raises(UntrustedCheckpointError, match=re.escape(url)):
+        CheckpointLoader.load_checkpoint(f'{scheme}evil_net')
+    assert not marker.exists()
+    monkeypatch.setattr(mmengine_checkpoint, table, lambda: {'net': f'{server.url}/genuine.pth'})
+    assert 'state_dict' in CheckpointLoader.load_checkpoint(f'{scheme}net')
+
+
+def test_scheme_registered_later_runs_under_the_guard(tmp_path):
+    """A third-party loader that asks torch.load for weights_only=False is overruled."""
+    marker = tmp_path / 'marker'
+    path = tmp_path / 'evil.pth'
+    torch.save({'meta': _WritesMarker(marker, use_system=False)}, path)
+
+    def load_from_thirdparty(filename, map_location=None):
+        return torch.load(filename.split('://', 1)[1], map_location, weights_only=False)
+
+    CheckpointLoader.register_scheme('thirdparty://', load_from_thirdparty, force=True)
+    try:
+        with pytest.raises(UntrustedCheckpointError, match='thirdparty://'):
+            CheckpointLoader.load_checkpoint(f'thirdparty://{path}')
+    finally:
+        CheckpointLoader._schemes.pop('thirdparty://')
+    assert not marker.exists()
+    assert 'TORCH_FORCE_WEIGHTS_ONLY_LOAD' not in os.environ  # set only during the load

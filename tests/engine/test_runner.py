@@ -52,7 +52,14 @@ def test_unknown_scope_and_missing_config(make_cfg, tmp_path):
         load_config(str(tmp_path / 'nothing.py'))
 
 
-def test_amp_and_auto_scale_lr(make_cfg):
+def test_amp_refused_without_accelerator(make_cfg, monkeypatch):
+    monkeypatch.setattr('mmgroupmamba.engine.runner.get_device', lambda: 'cpu')
+    with pytest.raises(ValueError, match='--amp .* needs a GPU'):
+        configure_train(make_cfg(), amp=True)
+
+
+def test_amp_and_auto_scale_lr(make_cfg, monkeypatch):
+    monkeypatch.setattr('mmgroupmamba.engine.runner.get_device', lambda: 'cuda')
     cfg = configure_train(make_cfg(), amp=True, auto_scale_lr=True)
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
     assert cfg.optim_wrapper.loss_scale == 'dynamic'

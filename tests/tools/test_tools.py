@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import RunsCode
 from mmgroupmamba.engine import load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,6 +156,68 @@ def test_missing_config_and_resume_checkpoint(trained, tmp_path, capsys):
                       '--work-dir', str(tmp_path / 'work')) != 0
     assert 'gone.pth does not exist' in capsys.readouterr().err
     assert not (tmp_path / 'work').exists()
+
+
+def test_amp_refused_at_argument_parsing_without_gpu(trained, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    config, _ = trained
+    assert _tool_exit('train.py', str(config), '--amp', '--work-dir', str(tmp_path / 'w')) == 2
+    assert '--amp (mixed precision) needs a GPU' in capsys.readouterr().err
+    assert not (tmp_path / 'w').exists()
+
+
+def _own_experiment(tmp_path):
+    # Runs in one process share mmengine's visualizer and message hub when their experiment
+    # names (config name + timestamp to the second) agree: keep each test's run apart.
+    return '--cfg-options', f'experiment_name={tmp_path.name}'
+
+
+def test_test_refuses_malicious_url_and_leaves_no_work_dir(trained, http_folder, tmp_path):
+    config, _ = trained
+    marker = tmp_path / 'marker'
+    torch.save({'state_dict': {}, 'meta': RunsCode(marker)}, http_folder.root / 'evil.pth')
+    code = _tool_exit('test.py', str(config), f'{http_folder.url}/evil.pth', '--work-dir',
+                      str(tmp_path / 'work'), *_own_experiment(tmp_path))
+    assert 'posix.system' in str(code)
+    assert not marker.exists()
+    assert not (tmp_path / 'work').exists()
+    assert http_folder.cached() == []
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('wrong', r'other shapes than its own'),
+    ('nan', r'NaN|non-finite'),
+])
+def test_test_checks_url_weights_fit(trained, http_folder, tmp_path, damage, message):
+    """A URL is checked like a file: weights of another model, or NaN weights, stop the test
+    before anything is evaluated."""
+    config, work_dir = trained
+    root, url = http_folder.root, http_folder.url
+    checkpoint = load_checkpoint_file(str(work_dir / 'iter_4.pth'))
+    state = checkpoint['state_dict']
+    if damage == 'wrong':
+        state['linear.weight'] = torch.zeros(3, 2)
+    else:
+        state['linear.bias'] = torch.tensor([float('nan')])
+    torch.save(checkpoint, root / 'damaged.pth')
+    code = _tool_exit('test.py', str(config), f'{url}/damaged.pth', '--work-dir',
+                      str(tmp_path / 'work'), *_own_experiment(tmp_path))
+    assert re.search(message, str(code))
+    assert not (tmp_path / 'work').exists()
+
+
+def test_train_refuses_untrusted_resume_and_keeps_work_dir_as_it_was(trained, tmp_path):
+    config, work_dir = trained
+    run_dir = tmp_path / 'work'
+    shutil.copytree(work_dir, run_dir)
+    before = sorted(os.listdir(run_dir))
+    torch.save({'meta': RunsCode(tmp_path / 'marker')}, tmp_path / 'evil.pth')
+    code = _tool_exit('train.py', str(config), '--resume', str(tmp_path / 'evil.pth'),
+                      '--work-dir', str(run_dir), *_own_experiment(tmp_path))
+    assert 'Refusing to load checkpoint' in str(code)
+    assert sorted(os.listdir(run_dir)) == before
+    assert not (tmp_path / 'marker').exists()
 
 
 def test_profile_kernel_kinds():

@@ -1,0 +1,63 @@
+"""Fixtures shared by the test packages."""
+import functools
+import http.server
+import os
+import threading
+
+import pytest
+import torch
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+
+    def log_message(self, *args):
+        pass
+
+
+class ServedFolder:
+    """A folder served over http on 127.0.0.1 by a thread of this process.
+
+    Attributes:
+        root (Path): the folder; files put there are at ``url + '/' + name``.
+        url (str): ``http://127.0.0.1:<port>``.
+        cache (Path): where the checkpoint loaders cache downloads (torch.hub's folder,
+            redirected into the test's temporary folder).
+    """
+
+    def __init__(self, root, cache):
+        handler = functools.partial(_QuietHandler, directory=str(root))
+        self._httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+        self.root, self.cache = root, cache
+        self.url = f'http://127.0.0.1:{self._httpd.server_address[1]}'
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def cached(self):
+        return sorted(os.listdir(self.cache)) if self.cache.exists() else []
+
+    def close(self):
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture
+def http_folder(tmp_path, monkeypatch):
+    """A :class:`ServedFolder` for one test; the server stops when the test ends."""
+    root = tmp_path / 'served'
+    root.mkdir()
+    hub = tmp_path / 'hub'
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(hub))
+    # Subprocesses (the tools) find the same cache through TORCH_HOME.
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    served = ServedFolder(root, hub / 'checkpoints')
+    yield served
+    served.close()
+
+
+class RunsCode:
+    """Unpickling this runs ``touch marker``: a stand-in for a malicious checkpoint's payload."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
