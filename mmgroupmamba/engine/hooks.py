@@ -156,8 +156,9 @@ class NonFiniteLossHook(Hook):
         self._streak = 0
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        bad = {name: float(value) for name, value in (outputs or {}).items()
-               if 'loss' in name and not math.isfinite(float(value))}
+        losses = {name: float(value.detach() if isinstance(value, torch.Tensor) else value)
+                  for name, value in (outputs or {}).items() if 'loss' in name}
+        bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
         if not bad:
             self._streak = 0
             return

@@ -208,5 +208,16 @@ def test_checkpoint_of_another_architecture_fails_clearly(trained):
     out = _run(sys.executable, 'tools/test.py', config, trained['checkpoint'],
                '--work-dir', str(trained['tmp'] / 'wider'))
     assert out.returncode != 0
-    assert 'size mismatch' in out.stderr and 'backbone.' in out.stderr
+    assert 'other shapes than its own' in out.stderr and 'backbone.' in out.stderr
     assert not _metrics(out.stdout + out.stderr)
+    assert not osp.exists(trained['tmp'] / 'wider')  # a refused run leaves no work dir
+
+
+def test_init_detector_refuses_checkpoint_of_another_architecture(trained):
+    from mmdet.apis import init_detector
+
+    from mmgroupmamba.models.weights import WeightsMismatchError
+    config = _tiny_config(trained['tmp'] / 'wider_api.py', trained['data_root'],
+                          embed_dims=(32, 64, 96, 128))
+    with pytest.raises(WeightsMismatchError, match=r'\d+ of the \d+ tensors .*backbone\.'):
+        init_detector(config, trained['checkpoint'], device='cpu')

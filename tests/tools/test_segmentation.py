@@ -233,3 +233,39 @@ def test_missing_data_root_names_the_folder(trained, tmp_path):
                      for loader in ('train_dataloader', 'val_dataloader')])
     assert rc != 0
     assert 'No such file or directory' in log and osp.join(missing, 'images') in log
+
+
+def test_resumed_run_repeats_the_uninterrupted_one(trained, tmp_path):
+    """The config's DurableRunner: a run resumed from iteration 2 ends with the very weights of
+    the run that went through (drop path, random crops and flips included)."""
+    import torch
+    from mmgroupmamba.engine import load_checkpoint_file
+    options = ['--cfg-options', 'randomness.seed=0', 'randomness.deterministic=True',
+               'default_hooks.checkpoint.interval=2']
+    whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
+    rc, log = _run(sys.executable, 'tools/train.py', trained['config'], '--work-dir', str(whole),
+                   *options)
+    assert rc == 0, log[-4000:]
+    resumed.mkdir()
+    (resumed / 'iter_2.pth').write_bytes((whole / 'iter_2.pth').read_bytes())
+    rc, log = _run(sys.executable, 'tools/train.py', trained['config'], '--work-dir',
+                   str(resumed), '--resume', str(resumed / 'iter_2.pth'), *options)
+    assert rc == 0, log[-4000:]
+    assert 'resumed epoch: 0, iter: 2' in log and 'Iter(train) [1/4]' not in log
+    ours = load_checkpoint_file(str(resumed / 'iter_4.pth'))['state_dict']
+    theirs = load_checkpoint_file(str(whole / 'iter_4.pth'))['state_dict']
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_init_model_refuses_malicious_url(trained, http_folder, tmp_path):
+    import torch
+    from mmseg.apis import init_model
+    from conftest import RunsCode
+    from mmgroupmamba.engine import UntrustedCheckpointError
+    marker = tmp_path / 'marker'
+    torch.save({'state_dict': {}, 'meta': RunsCode(marker)}, http_folder.root / 'evil.pth')
+    url = f'{http_folder.url}/evil.pth'
+    with pytest.raises(UntrustedCheckpointError, match=re.escape(url)):
+        init_model(trained['config'], url, device='cpu')
+    assert not marker.exists() and http_folder.cached() == []
