@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -258,3 +259,42 @@ def test_non_finite_loss_stops_naming_the_iteration(tmp_path):
 def test_non_finite_loss_patience_must_be_non_negative():
     with pytest.raises(ValueError, match='patience'):
         NonFiniteLossHook(patience=-1)
+
+
+def _ddp_run(rank, port, work_dir, max_iters, load_from, out):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE='2')
+    torch.distributed.init_process_group('gloo', rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    recorder = _RecordLosses()
+    loader = dict(dataset=_AugmentedPoints(), batch_size=2, num_workers=0,
+                  sampler=dict(type='InfiniteSampler', shuffle=True))
+    DurableRunner(
+        model=_NoisyRegressor(), work_dir=work_dir, launcher='pytorch',
+        cfg=dict(model_wrapper_cfg=dict(type='MMDistributedDataParallel', device_ids=None)),
+        train_dataloader=loader, train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.01)),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False)),
+        custom_hooks=[recorder],
+        # Each rank draws its own numbers (dropout, augmentation): each must get its own back.
+        randomness=dict(seed=0, diff_rank_seed=True, deterministic=True),
+        resume=load_from is not None, load_from=load_from).train()
+    torch.save(recorder.losses, f'{out}_{rank}.pt')
+    torch.distributed.destroy_process_group()
+
+
+def test_each_ddp_rank_resumes_its_own_streams(tmp_path):
+    def run(work_dir, max_iters, load_from, out):
+        with socket.socket() as sock:
+            sock.bind(('127.0.0.1', 0))
+            port = sock.getsockname()[1]
+        torch.multiprocessing.spawn(_ddp_run, nprocs=2,
+                                    args=(port, str(work_dir), max_iters, load_from, str(out)))
+        return [torch.load(f'{out}_{rank}.pt') for rank in range(2)]
+
+    whole = run(tmp_path / 'whole', 6, None, tmp_path / 'whole_losses')
+    assert whole[0] != whole[1]  # the ranks saw different numbers
+    part = run(tmp_path / 'part', 6, str(tmp_path / 'whole' / 'iter_4.pth'),
+               tmp_path / 'part_losses')
+    for rank in range(2):
+        assert part[rank] == {i: whole[rank][i] for i in (5, 6)}, rank
