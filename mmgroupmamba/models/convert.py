@@ -10,6 +10,7 @@ from typing import Dict, List, Mapping, Tuple
 import torch
 
 from .groupmamba import GroupedSS2D, GroupMambaClassifier
+from .weights import infer_arch
 
 # Official SS2D parameter -> (ours, how the 4 groups combine): 'stack' adds a leading group axis;
 # 'cat' joins along the first axis (the channels of all groups in order, or an official leading
@@ -83,19 +84,10 @@ def _rename(key: str) -> str:
 
 def _infer_arch(state: Mapping[str, torch.Tensor]) -> dict:
     """Classifier arguments from the shapes of a converted state dict."""
-    try:
-        dims = [state[f'backbone.stages.{i}.norm.weight'].shape[0] for i in range(4)]
-        depths = [1 + max(int(m.group(1)) for key in state
-                          for m in [re.match(rf'backbone\.stages\.{i}\.blocks\.(\d+)\.', key)] if m)
-                  for i in range(4)]
-        ratios = [state[f'backbone.stages.{i}.blocks.0.ffn.fc1.weight'].shape[0] / dims[i]
-                  for i in range(4)]
-        stem_channels = state['backbone.stem.convs.0.conv.weight'].shape[0]
-        num_classes = state['head.weight'].shape[0]
-    except (KeyError, ValueError) as err:
-        raise KeyError(f'Cannot infer the GroupMamba arch: the checkpoint lacks a key ({err})')
-    arch = dict(embed_dims=dims, depths=depths, stem_channels=stem_channels, mlp_ratios=ratios)
-    return dict(arch=arch, num_classes=num_classes, distillation='dist_head.weight' in state)
+    if 'head.weight' not in state:
+        raise KeyError("Cannot infer the GroupMamba arch: the checkpoint lacks 'head.weight'")
+    return dict(arch=infer_arch(state, 'backbone.'), num_classes=state['head.weight'].shape[0],
+                distillation='dist_head.weight' in state)
 
 
 def _check_against_model(state: Mapping[str, torch.Tensor]) -> List[str]:

@@ -24,6 +24,7 @@ from timm.layers import DropPath
 
 from ..ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
 from ..ops.opaque_conv import opaque_conv2d
+from .weights import check_outputs_finite, check_weights_on_load
 
 # Variants of the paper. Channels per stage, blocks per stage, width of the stem convolutions and
 # FFN expansion per stage.
@@ -524,6 +525,10 @@ class GroupMambaStage(nn.Module):
 class GroupMamba(BaseModule):
     """GroupMamba backbone: a tuple of NCHW feature maps at strides 4, 8, 16, 32.
 
+    Weights of other shapes (another variant) or holding NaN/inf are refused before they load,
+    whatever loads them (``weights.check_weights_on_load``); in eval mode, maps holding NaN/inf
+    raise ``FloatingPointError``.
+
     Args:
         arch (str | dict): 'tiny', 'small', 'base', or a dict with ``embed_dims``, ``depths``,
             ``stem_channels`` and ``mlp_ratios``.
@@ -589,6 +594,7 @@ class GroupMamba(BaseModule):
                 rates[first:first + depth], with_cp))
         self.apply(_init_weights)
         self._freeze_stages()
+        check_weights_on_load(self)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -599,7 +605,9 @@ class GroupMamba(BaseModule):
         """x: (B, in_channels, H, W) -> maps (B, embed_dims[i], ~H/2^(i+2), ~W/2^(i+2))."""
         self._check_input(x)
         tokens = self._run_features(x, max(self.out_indices, default=-1) + 1, True)
-        return tuple(tokens[i].permute(0, 3, 1, 2).contiguous() for i in self.out_indices)
+        outs = tuple(tokens[i].permute(0, 3, 1, 2).contiguous() for i in self.out_indices)
+        check_outputs_finite(self, outs, [f'stage {i}' for i in self.out_indices])
+        return outs
 
     def forward_last_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_channels, H, W) -> the last stage's tokens before its norm, (B, h, w, C)."""
@@ -659,7 +667,10 @@ class GroupMamba(BaseModule):
 class GroupMambaClassifier(nn.Module):
     """The ImageNet classifier: backbone, class-token block, final norm (the last stage's) and
     heads. ``forward(images)`` returns ``(logits, dist_logits)`` while training and their mean in
-    eval mode, or only ``logits`` without distillation; each (B, num_classes)."""
+    eval mode, or only ``logits`` without distillation; each (B, num_classes).
+
+    Weights are checked before they load, outputs in eval mode, as for ``GroupMamba``; the
+    classifier's check covers its backbone's keys, whose own is removed."""
 
     def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
                  distillation: bool = True, drop_path_rate: float = 0.,
@@ -675,6 +686,7 @@ class GroupMambaClassifier(nn.Module):
         self.head.apply(_init_weights)
         if self.dist_head is not None:
             self.dist_head.apply(_init_weights)
+        check_weights_on_load(self)
 
     @property
     def final_norm(self) -> nn.LayerNorm:
@@ -688,9 +700,10 @@ class GroupMambaClassifier(nn.Module):
     def forward(self, images: torch.Tensor):
         x = self.forward_features(images)
         logits = self.head(x)
-        if self.dist_head is None:
-            return logits
-        dist_logits = self.dist_head(x)
-        if self.training:
-            return logits, dist_logits
-        return (logits + dist_logits) / 2
+        if self.dist_head is not None:
+            dist_logits = self.dist_head(x)
+            if self.training:
+                return logits, dist_logits
+            logits = (logits + dist_logits) / 2
+        check_outputs_finite(self, [logits], ['logits'])
+        return logits

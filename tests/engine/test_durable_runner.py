@@ -3,7 +3,6 @@ runs that repeat the interrupted run's losses bit for bit (CPU, deterministic mo
 import logging
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
