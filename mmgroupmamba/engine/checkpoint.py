@@ -457,8 +457,10 @@ def _is_damage(error):
     if isinstance(error, EOFError):
         return True
     if isinstance(error, OSError):
-        # torch's zip reader seeks past the end of a truncated file: EINVAL, no filename.
-        return error.filename is None and not isinstance(error, urllib.error.URLError)
+        # torch's zip reader seeks past the end of a truncated file: EINVAL, no filename. A
+        # path that is missing or unreadable, or a network error, is not about the bytes.
+        return error.filename is None and not isinstance(
+            error, (FileNotFoundError, PermissionError, IsADirectoryError, urllib.error.URLError))
     # With weights_only, torch.load only rebuilds tensors and containers: its other
     # RuntimeErrors (zip records, storage sizes or offsets out of range) mean malformed data.
     return not any(text in str(error) for text in _NOT_DAMAGE)

@@ -322,3 +322,8 @@ def test_scheme_registered_later_runs_under_the_guard(tmp_path):
         CheckpointLoader._schemes.pop('thirdparty://')
     assert not marker.exists()
     assert 'TORCH_FORCE_WEIGHTS_ONLY_LOAD' not in os.environ  # set only during the load
+
+
+def test_missing_file_through_mmengine_is_not_called_corrupt(tmp_path):
+    with pytest.raises(FileNotFoundError, match='gone.pth'):
+        CheckpointLoader.load_checkpoint(str(tmp_path / 'gone.pth'))

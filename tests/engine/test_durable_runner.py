@@ -129,6 +129,8 @@ def test_checkpoints_hold_every_ranks_random_states(tmp_path):
     checkpoint = load_checkpoint_file(str(tmp_path / 'iter_2.pth'))
     states = checkpoint['message_hub']['runtime_info']['rng_states']
     assert len(states) == 1 and {'python', 'numpy', 'torch'} <= set(states[0])
+    if torch.cuda.is_available():  # the runner trained on the GPU: its streams are saved too
+        assert len(states[0]['cuda']) == torch.cuda.device_count()
 
 
 def _truncate(path):
