@@ -220,6 +220,19 @@ def test_train_refuses_untrusted_resume_and_keeps_work_dir_as_it_was(trained, tm
     assert not (tmp_path / 'marker').exists()
 
 
+def test_refused_config_leaves_no_work_dir(trained, tmp_path):
+    config, _ = trained
+    argv = sys.argv
+    sys.argv = [str(TOOLS / 'train.py'), str(config), '--work-dir', str(tmp_path / 'work'),
+                '--cfg-options', 'model.type=NoSuchModel', f'experiment_name={tmp_path.name}']
+    try:
+        with pytest.raises(KeyError, match='NoSuchModel'):
+            runpy.run_path(str(TOOLS / 'train.py'), run_name='__main__')
+    finally:
+        sys.argv = argv
+    assert not (tmp_path / 'work').exists()
+
+
 def test_profile_kernel_kinds():
     """The profile's kernel groups: the project's own Triton kernels by their names, then
     Inductor's, library GEMMs and copies."""
