@@ -23,6 +23,7 @@ from mmseg.registry import MODELS as MMSEG_MODELS
 from timm.layers import DropPath
 
 from ..ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
+from ..ops.fused import conv_gelu_linear, group_norm_gate
 from ..ops.opaque_conv import opaque_conv2d
 from .weights import check_outputs_finite, check_weights_on_load
 
@@ -160,7 +161,7 @@ class GroupedSS2D(nn.Module):
         tokens = x.reshape(B, L, G, d).permute(0, 2, 3, 1).contiguous()
         u = torch.matmul(self.in_proj_weight[:, :d], tokens)
         z = torch.matmul(self.in_proj_weight[:, d:], tokens)
-        u = _depthwise_conv(u.view(B, C, H, W), self.conv.weight, self.conv.bias, channel_dim=1)
+        u = depthwise_conv2d(u.view(B, C, H, W), self.conv.weight, self.conv.bias)
         u = F.silu(u).view(B, G, d, L)
         x_dbl = torch.matmul(self.x_proj_weight, u)  # (B, G, R + 2N, L)
         dt = torch.matmul(self.dt_proj_weight, x_dbl[:, :, :R])  # (B, G, d, L)
@@ -168,90 +169,16 @@ class GroupedSS2D(nn.Module):
         y = _scan(u.view(B, C, L), dt.view(B, C, L), -torch.exp(self.A_log.float()),
                   x_dbl[:, :, R:R + N], x_dbl[:, :, R + N:], self.D.float(), self.dt_bias.float(),
                   spatial_shape=(H, W))
-        y = _group_norm_gate(y.view(B, G, d, L), z.view(B, G, d, L), self.out_norm_weight,
-                             self.out_norm_bias, _INNER_NORM_EPS)
+        y = group_norm_gate(y.view(B, G, d, L), z.view(B, G, d, L), self.out_norm_weight,
+                            self.out_norm_bias, _INNER_NORM_EPS)
         out = torch.matmul(self.out_proj_weight, y)  # (B, G, d, L)
         return out.view(B, C, H, W).permute(0, 2, 3, 1)
-
-
-def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    channel_dim: int) -> torch.Tensor:
-    """A depthwise, stride-1 'same' convolution (an ``nn.Conv2d``'s weight and bias) of ``x``
-    whose channels lie along ``channel_dim`` (1: (B, C, H, W); 3: (B, H, W, C)), through the
-    project's depthwise op: Triton kernels on the GPU for both layouts, no layout copies."""
-    if channel_dim == 1:
-        return depthwise_conv2d(x, weight, bias)
-    return depthwise_conv2d(x.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
 
 
 def _scan(u, delta, A, B, C, D, delta_bias, spatial_shape):
     """The selective scan with softplus and the four groups' directions."""
     return selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True,
                           spatial_shape=spatial_shape, directions=SCAN_DIRECTIONS)
-
-
-def _saves_for_eager_backward() -> bool:
-    """Whether eager autograd is recording: then the memory-lean autograd Functions below replace
-    plain operators. Inductor chooses what to keep for backward by itself, and without autograd
-    the plain operators are what tracers (the FLOPs counter) understand."""
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-def _group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                     eps: float) -> torch.Tensor:
-    """LayerNorm of ``y`` over each group's channels (dim 2), per-group affine, times SiLU(z).
-
-    y, z: (B, G, d, L); weight, bias: (G, d). The statistics are taken in at least float32 (as
-    autocast runs ``layer_norm``); the result has z's dtype.
-    """
-    if _saves_for_eager_backward():
-        return _GroupNormGate.apply(y, z, weight, bias, eps)
-    return _group_norm_gate_math(y, z, weight, bias, eps)
-
-
-def _group_norm_gate_math(y, z, weight, bias, eps):
-    """:func:`_group_norm_gate` in plain operators (for tracing, and the reference in tests)."""
-    y_hat, _, _ = _normalize(y, eps)
-    return (y_hat * weight[..., None] + bias[..., None]).to(z.dtype) * F.silu(z)
-
-
-def _normalize(y: torch.Tensor, eps: float):
-    """(y - mean) * rstd over dim 2 in at least float32, with mean and rstd (B, G, 1, L)."""
-    y = y.to(torch.promote_types(y.dtype, torch.float32))
-    var, mean = torch.var_mean(y, dim=2, correction=0, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    return (y - mean) * rstd, mean, rstd
-
-
-class _GroupNormGate(torch.autograd.Function):
-    """:func:`_group_norm_gate` keeping only y, z and the statistics for backward; eager autograd
-    would keep three float32 copies of y as well (the normalisation's intermediates)."""
-
-    @staticmethod
-    def forward(ctx, y, z, weight, bias, eps):
-        with torch.no_grad():
-            y_hat, mean, rstd = _normalize(y, eps)
-            out = (y_hat * weight[..., None] + bias[..., None]).to(z.dtype) * F.silu(z)
-        ctx.save_for_backward(y, z, weight, bias, mean, rstd)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        y, z, weight, bias, mean, rstd = ctx.saved_tensors
-        y_hat = (y.to(mean.dtype) - mean) * rstd
-        normed = y_hat * weight[..., None] + bias[..., None]
-        gate = F.silu(z)
-        grad_out = grad_out.to(mean.dtype)
-        grad_z = torch.ops.aten.silu_backward(grad_out * normed.to(z.dtype), z.to(mean.dtype))
-        grad_normed = grad_out * gate.to(mean.dtype)
-        grad_weight = (grad_normed * y_hat).sum(dim=(0, 3))
-        grad_bias = grad_normed.sum(dim=(0, 3))
-        grad_hat = grad_normed * weight[..., None]
-        grad_y = rstd * (grad_hat - grad_hat.mean(dim=2, keepdim=True)
-                         - y_hat * (grad_hat * y_hat).mean(dim=2, keepdim=True))
-        return (grad_y.to(y.dtype), grad_z.to(z.dtype), grad_weight.to(weight.dtype),
-                grad_bias.to(bias.dtype), None)
 
 
 class ChannelAffinity(nn.Module):
@@ -294,9 +221,8 @@ class GroupMambaLayer(nn.Module):
 class FFN(nn.Module):
     """fc1 -> [depthwise 3x3 conv] -> GELU -> fc2 on (B, H, W, C) tokens.
 
-    Training keeps only fc1's output for backward and recomputes the convolution and GELU there:
-    the hidden map is the model's widest activation, and both eager autograd and Inductor would
-    otherwise keep it twice (the convolution's input and fc2's input).
+    Training keeps only fc1's output for backward and recomputes the convolution and GELU there
+    (``ops.fused.conv_gelu_linear``): the hidden map is the model's widest activation.
     """
 
     def __init__(self, embed_dims: int, hidden_dims: int, with_dwconv: bool = True):
@@ -307,63 +233,8 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dims, embed_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
         conv = (None, None) if self.dwconv is None else (self.dwconv.weight, self.dwconv.bias)
-        if _saves_for_eager_backward():
-            return _ConvGeluLinear.apply(x, *conv, self.fc2.weight, self.fc2.bias)
-        if torch.compiler.is_compiling() and torch.is_grad_enabled():
-            return self.fc2(cp.checkpoint(_conv_gelu, x, *conv, use_reentrant=False))
-        return self.fc2(_conv_gelu(x, *conv))
-
-
-def _ffn_conv(h: torch.Tensor, weight: Optional[torch.Tensor],
-              bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The FFN's depthwise convolution of (B, H, W, hidden) tokens; none without a weight."""
-    return h if weight is None else _depthwise_conv(h, weight, bias, channel_dim=3)
-
-
-def _conv_gelu(h, weight, bias):
-    return F.gelu(_ffn_conv(h, weight, bias))
-
-
-class _ConvGeluLinear(torch.autograd.Function):
-    """``F.linear(GELU(dwconv(h)), weight, bias)`` on ``(B, H, W, hidden)`` tokens keeping only
-    ``h`` for backward (no convolution: ``conv_weight`` None). Under autocast the linear layer
-    computes in the autocast dtype, as ``nn.Linear`` would."""
-
-    @staticmethod
-    def forward(ctx, h, conv_weight, conv_bias, weight, bias):
-        dtype = (torch.get_autocast_dtype(h.device.type)
-                 if torch.is_autocast_enabled(h.device.type) else h.dtype)
-        with torch.autocast(h.device.type, enabled=False):
-            act = _conv_gelu(h, conv_weight, conv_bias)
-            out = F.linear(act.to(dtype), weight.to(dtype), bias.to(dtype))
-        ctx.save_for_backward(h, conv_weight, conv_bias, weight)
-        ctx.dtype = dtype
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        h, conv_weight, conv_bias, weight = ctx.saved_tensors
-        h, conv_weight, conv_bias = (None if t is None else t.detach().requires_grad_()
-                                     for t in (h, conv_weight, conv_bias))
-        with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
-            a = _ffn_conv(h, conv_weight, conv_bias)
-        grad_out = grad_out.to(ctx.dtype)
-        act = F.gelu(a.detach()).to(ctx.dtype)
-        grad_act = grad_out @ weight.to(ctx.dtype)
-        grad_weight = grad_out.flatten(0, -2).t() @ act.flatten(0, -2)
-        grad_bias = grad_out.flatten(0, -2).sum(0)
-        del act
-        grad_a = torch.ops.aten.gelu_backward(grad_act.to(a.dtype), a.detach())
-        if conv_weight is None:
-            return grad_a, None, None, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
-        conv_inputs = [t for t in (h, conv_weight, conv_bias) if t is not None]
-        grad_h, *grad_conv = torch.autograd.grad(a, conv_inputs, grad_a)
-        if conv_bias is None:
-            grad_conv.append(None)
-        return (grad_h, *grad_conv, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype))
+        return conv_gelu_linear(self.fc1(x), *conv, self.fc2.weight, self.fc2.bias)
 
 
 class GroupMambaBlock(nn.Module):

@@ -1,0 +1,167 @@
+"""Fused pieces of the GroupMamba block that keep less for backward than autograd would.
+
+- :func:`group_norm_gate`: the SS2D output's per-group LayerNorm times ``SiLU(z)``;
+- :func:`conv_gelu_linear`: the FFN's depthwise 3x3 convolution, GELU and second linear layer.
+
+Each picks its implementation by what records the graph: eager autograd gets an
+``autograd.Function`` that saves only the inputs (and the norm's statistics) and recomputes the
+rest in backward; ``torch.compile`` gets plain operators (Inductor chooses what to keep by
+itself; the FFN's hidden map is still recomputed, through activation checkpointing); without
+autograd, plain operators are what tracers (the FLOPs counter) understand. The ``*_ref``
+functions are those plain operators, the references of the tests.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+
+from .depthwise_conv import depthwise_conv2d
+
+__all__ = ['group_norm_gate', 'group_norm_gate_ref', 'conv_gelu_linear', 'conv_gelu_linear_ref']
+
+
+def _records_eager_backward() -> bool:
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+    """LayerNorm of ``y`` over each group's channels (dim 2), per-group affine, times SiLU(z).
+
+    Args:
+        y, z: (B, G, d, L).
+        weight, bias: (G, d).
+        eps: the LayerNorm's epsilon.
+
+    Returns:
+        (B, G, d, L) in z's dtype; the statistics are taken in at least float32 (as autocast
+        runs ``layer_norm``). Eager training keeps y, z and the statistics for backward; plain
+        autograd would keep three float32 copies of y as well.
+    """
+    if _records_eager_backward():
+        return _GroupNormGate.apply(y, z, weight, bias, eps)
+    return group_norm_gate_ref(y, z, weight, bias, eps)
+
+
+def group_norm_gate_ref(y, z, weight, bias, eps):
+    """:func:`group_norm_gate` in plain operators."""
+    y_hat, _, _ = _normalize(y, eps)
+    return (y_hat * weight[..., None] + bias[..., None]).to(z.dtype) * F.silu(z)
+
+
+def _normalize(y: torch.Tensor, eps: float):
+    """(y - mean) * rstd over dim 2 in at least float32, with mean and rstd (B, G, 1, L)."""
+    y = y.to(torch.promote_types(y.dtype, torch.float32))
+    var, mean = torch.var_mean(y, dim=2, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    return (y - mean) * rstd, mean, rstd
+
+
+class _GroupNormGate(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, y, z, weight, bias, eps):
+        with torch.no_grad():
+            y_hat, mean, rstd = _normalize(y, eps)
+            out = (y_hat * weight[..., None] + bias[..., None]).to(z.dtype) * F.silu(z)
+        ctx.save_for_backward(y, z, weight, bias, mean, rstd)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        y, z, weight, bias, mean, rstd = ctx.saved_tensors
+        y_hat = (y.to(mean.dtype) - mean) * rstd
+        normed = y_hat * weight[..., None] + bias[..., None]
+        gate = F.silu(z)
+        grad_out = grad_out.to(mean.dtype)
+        grad_z = torch.ops.aten.silu_backward(grad_out * normed.to(z.dtype), z.to(mean.dtype))
+        grad_normed = grad_out * gate.to(mean.dtype)
+        grad_weight = (grad_normed * y_hat).sum(dim=(0, 3))
+        grad_bias = grad_normed.sum(dim=(0, 3))
+        grad_hat = grad_normed * weight[..., None]
+        grad_y = rstd * (grad_hat - grad_hat.mean(dim=2, keepdim=True)
+                         - y_hat * (grad_hat * y_hat).mean(dim=2, keepdim=True))
+        return (grad_y.to(y.dtype), grad_z.to(z.dtype), grad_weight.to(weight.dtype),
+                grad_bias.to(bias.dtype), None)
+
+
+def conv_gelu_linear(h: torch.Tensor, conv_weight: Optional[torch.Tensor],
+                     conv_bias: Optional[torch.Tensor], weight: torch.Tensor,
+                     bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear(GELU(depthwise_conv(h)), weight, bias)`` on channels-last tokens, keeping only
+    ``h`` for backward: the hidden map is the block's widest activation, and autograd (eager or
+    compiled) would otherwise keep it twice, as the convolution's and the linear layer's input.
+
+    Args:
+        h: (B, H, W, hidden) tokens.
+        conv_weight, conv_bias: the depthwise convolution's (hidden, 1, k, k) weight and
+            (hidden,) bias; ``conv_weight`` None: no convolution.
+        weight, bias: the linear layer's (out, hidden) weight and (out,) bias.
+
+    Returns:
+        (B, H, W, out); under autocast the linear layer computes in the autocast dtype, as
+        ``nn.Linear`` would.
+    """
+    if _records_eager_backward():
+        return _ConvGeluLinear.apply(h, conv_weight, conv_bias, weight, bias)
+    if torch.compiler.is_compiling() and torch.is_grad_enabled():
+        act = cp.checkpoint(_conv_gelu, h, conv_weight, conv_bias, use_reentrant=False)
+        return F.linear(act, weight, bias)
+    return conv_gelu_linear_ref(h, conv_weight, conv_bias, weight, bias)
+
+
+def conv_gelu_linear_ref(h, conv_weight, conv_bias, weight, bias):
+    """:func:`conv_gelu_linear` in plain operators."""
+    return F.linear(_conv_gelu(h, conv_weight, conv_bias), weight, bias)
+
+
+def _tokens_conv(h: torch.Tensor, weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The depthwise convolution of (B, H, W, C) tokens, as an NCHW view; none without a
+    weight."""
+    if weight is None:
+        return h
+    return depthwise_conv2d(h.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
+
+
+def _conv_gelu(h, weight, bias):
+    return F.gelu(_tokens_conv(h, weight, bias))
+
+
+class _ConvGeluLinear(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, h, conv_weight, conv_bias, weight, bias):
+        dtype = (torch.get_autocast_dtype(h.device.type)
+                 if torch.is_autocast_enabled(h.device.type) else h.dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            act = _conv_gelu(h, conv_weight, conv_bias)
+            out = F.linear(act.to(dtype), weight.to(dtype), bias.to(dtype))
+        ctx.save_for_backward(h, conv_weight, conv_bias, weight)
+        ctx.dtype = dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        h, conv_weight, conv_bias, weight = ctx.saved_tensors
+        h, conv_weight, conv_bias = (None if t is None else t.detach().requires_grad_()
+                                     for t in (h, conv_weight, conv_bias))
+        with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
+            a = _tokens_conv(h, conv_weight, conv_bias)
+        grad_out = grad_out.to(ctx.dtype)
+        act = F.gelu(a.detach()).to(ctx.dtype)
+        grad_act = grad_out @ weight.to(ctx.dtype)
+        grad_weight = grad_out.flatten(0, -2).t() @ act.flatten(0, -2)
+        grad_bias = grad_out.flatten(0, -2).sum(0)
+        del act
+        grad_a = torch.ops.aten.gelu_backward(grad_act.to(a.dtype), a.detach())
+        if conv_weight is None:
+            return grad_a, None, None, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+        conv_inputs = [t for t in (h, conv_weight, conv_bias) if t is not None]
+        grad_h, *grad_conv = torch.autograd.grad(a, conv_inputs, grad_a)
+        if conv_bias is None:
+            grad_conv.append(None)
+        return (grad_h, *grad_conv, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype))
