@@ -46,7 +46,7 @@ _LONG_BWD_WARPS = 8
 # Sequences of at most _SHORT_T steps (one chunk: the later stages of classification) are
 # latency-bound: a program loads, scans and stores once, and large tiles hold so many registers
 # (255 per thread in backward at 1024 elements) that few programs share an SM. A sweep on an
-# H200 (tools/analysis/sweep_scan_tiles.py, docs/benchmarks.md) put one-warp programs first at
+# H200 (benchmarks/sweep_scan_tiles.py, docs/benchmarks.md) put one-warp programs first at
 # L = 49 and 196: forward tiles of 128 (or one row of) elements, backward tiles of two channels;
 # forward 1.2-1.7x, backward 1.4-1.6x faster than 1024-element tiles of 4 warps.
 _SHORT_T = 256

@@ -1,8 +1,8 @@
 """Throughput and memory of GroupMamba classifiers next to timm's Swin-T and ConvNeXt-T.
 
-    python tools/analysis/benchmark.py                       # the whole table, batch 128, 224x224
-    python tools/analysis/benchmark.py --models gm_t --teacher regnety_160   # + hard-distillation rows
-    python tools/analysis/benchmark.py --models gm_t --eager   # GroupMamba without torch.compile
+    python benchmarks/benchmark_classifier.py                  # the whole table, batch 128, 224x224
+    python benchmarks/benchmark_classifier.py --models gm_t --teacher regnety_160  # + distillation
+    python benchmarks/benchmark_classifier.py --models gm_t --eager   # GroupMamba without compile
 
 Training = forward, loss, backward and AdamW step under bf16 autocast; inference = eval-mode
 forward in bf16 (autocast) and in fp32. Random inputs; median of timed windows after warm-up.
@@ -16,9 +16,10 @@ import json
 import timm
 import torch
 
-from mmgroupmamba.analysis.speed import measure_inference, measure_training
 from mmgroupmamba.models import GroupMambaClassifier
 from mmgroupmamba.models.groupmamba import COMPILE_MODES
+
+from common.speed import measure_inference, measure_training
 
 MODELS = {
     'gm_t': lambda compile: GroupMambaClassifier(arch='tiny', torch_compile=compile),
