@@ -29,8 +29,8 @@ _WGRAD_TILE = 512
 _WGRAD_ROWS = 8
 # Output rows per stencil program: the first of these that leaves _MIN_PROGRAMS programs, else
 # the last. Measured on an H100 over GroupMamba's maps from batch 128 at 224 px down to batch 2 at
-# 800 x 1216 (docs/benchmarks.md): 8 rows beat 1 row by up to 2.7x on the large maps, and 4 rows
-# beat 8 by a few microseconds when 8 leave only a few hundred programs.
+# 800 x 1216: 8 rows beat 1 row by up to 2.7x on the large maps, and 4 rows beat 8 by a few
+# microseconds when 8 leave only a few hundred programs.
 _STENCIL_ROWS = (8, 4)
 _MIN_PROGRAMS = 256
 

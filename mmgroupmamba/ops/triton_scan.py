@@ -36,7 +36,7 @@ from .triton_common import (affine_combine, compiled_binaries, effective_delta, 
 # Elements (channels x states x steps) of one program's tile, per kernel: enough independent loads
 # in flight to stream at memory speed, few enough registers for backward's dozen live tiles.
 # Picked by a sweep on an H100 over the GroupMamba-T shapes (tiles 1024-8192, 4-16 warps,
-# chunks 512-2048); see docs/benchmarks.md.
+# chunks 512-2048).
 _FWD_TILE = 2048
 _BWD_TILE = 1024
 _FWD_WARPS = 4

@@ -34,9 +34,8 @@ from .triton_common import (affine_combine, compiled_binaries, effective_delta, 
 # chunks of any multiple of it, whatever forward's chunk length (a few bytes per row: 0.3% of
 # forward's traffic at L = 3136).
 _STATE_T = 128
-# Picked by a sweep on an H100 over the GroupMamba stage shapes (docs/benchmarks.md): tiles of
-# 1024 channels x steps, 4 warps, chunks up to 512 steps; long sequences run backward in chunks of
-# 1024 with 8 warps.
+# Picked by a sweep on an H100 over the GroupMamba stage shapes: tiles of 1024 channels x steps,
+# 4 warps, chunks up to 512 steps; long sequences run backward in chunks of 1024 with 8 warps.
 _MAX_T = 512
 _TILE = 1024
 _WARPS = 4
@@ -46,19 +45,19 @@ _LONG_BWD_WARPS = 8
 # Sequences of at most _SHORT_T steps (one chunk: the later stages of classification) are
 # latency-bound: a program loads, scans and stores once, and large tiles hold so many registers
 # (255 per thread in backward at 1024 elements) that few programs share an SM. A sweep on an
-# H200 (tools/analysis/sweep_scan_tiles.py, docs/benchmarks.md) put one-warp programs first at
-# L = 49 and 196: forward tiles of 128 (or one row of) elements, backward tiles of two channels;
-# forward 1.2-1.7x, backward 1.4-1.6x faster than 1024-element tiles of 4 warps.
+# H200 (benchmarks/sweep_scan_tiles.py) put one-warp programs first at L = 49 and 196: forward
+# tiles of 128 (or one row of) elements, backward tiles of two channels; forward 1.2-1.7x,
+# backward 1.4-1.6x faster than 1024-element tiles of 4 warps.
 _SHORT_T = 256
 _SHORT_FWD_TILE = 128
 _SHORT_BWD_D = 2
 # From this many rows (batch x channels) on, longer sequences too run one row per program in
 # one warp: the scans, the carry and the channel sums then stay inside the warp, with no
-# shared-memory round trips or barriers. Sweeps on an H200 (L = 196 to 4096, batch 128; see
-# docs/benchmarks.md): forward chunks of 128 steps (256 from _ROW_LONG_L steps), backward chunks
-# of 128; forward 1.15-1.3x, backward 1.4-1.7x faster than the tiles above. Fewer rows (dense
-# tasks at 2 images per GPU, batch-1 inference) keep those tiles: one-warp programs would leave
-# most of the GPU idle there (not measured).
+# shared-memory round trips or barriers. Sweeps on an H200 (L = 196 to 4096, batch 128, by
+# benchmarks/sweep_scan_tiles.py): forward chunks of 128 steps (256 from _ROW_LONG_L steps),
+# backward chunks of 128; forward 1.15-1.3x, backward 1.4-1.7x faster than the tiles above.
+# Fewer rows (dense tasks at 2 images per GPU, batch-1 inference) keep those tiles: one-warp
+# programs would leave most of the GPU idle there (not measured).
 _MANY_ROWS = 2048
 _ROW_T = 128
 _ROW_LONG_L = 2048

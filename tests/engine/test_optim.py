@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from mmengine.optim import build_optim_wrapper
 import mmgroupmamba  # noqa: F401  (registers the constructor)
 from mmgroupmamba.engine import merge_param_groups
 from mmgroupmamba.models import GroupMamba
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Net(nn.Module):
@@ -79,7 +82,7 @@ def test_merged_groups_make_the_same_update():
                                     'configs/upernet/gm_t_160k_ade20k.py',
                                     'configs/imagenet/gm_t_in1k.py'])
 def test_configs_step_a_groupmamba_backbone_in_a_few_groups(config):
-    cfg = Config.fromfile(config).optim_wrapper
+    cfg = Config.fromfile(str(ROOT / config)).optim_wrapper
     assert cfg.constructor == 'MergedGroupsOptimWrapperConstructor'
     cfg.type = 'OptimWrapper'
     backbone = nn.Module()

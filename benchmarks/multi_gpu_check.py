@@ -14,7 +14,7 @@ Images/s per GPU come from the ``time`` of mmengine's json logs (median over the
 the warm-up); efficiency = images/s per GPU on 2 GPUs over that on 1. --gpus N uses N GPUs
 wherever this says 2.
 
-    python tools/analysis/multi_gpu_check.py --out DIR [--root work_dirs/multi_gpu_check]
+    python benchmarks/multi_gpu_check.py --out DIR [--root work_dirs/multi_gpu_check]
         [--budget 360] [--gpus 2] [--smoke]
 
 --smoke (or MULTI_GPU_CHECK_SMOKE=1): the same steps with tiny settings, for a dry run on a CPU
@@ -37,11 +37,11 @@ import time
 
 from mmengine.config import Config
 
-from mmgroupmamba.analysis.scaling import (compare_metrics, final_metrics, json_logs,
-                                           metrics_agree, read_json_log, repeat_image_folder,
-                                           scaling_efficiency, summarize_train)
+from common.scaling import (compare_metrics, final_metrics, json_logs, metrics_agree,
+                            read_json_log, repeat_image_folder, scaling_efficiency,
+                            summarize_train)
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET_CONFIG = 'configs/mask_rcnn/gm_t_toy_coco.py'
 SEG_CONFIG = 'configs/upernet/gm_t_toy_ade20k.py'
 CLS_CONFIG = 'configs/imagenet/gm_t_in1k.py'

@@ -16,8 +16,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch._dynamo.utils import counters
 
-from ..models.groupmamba import GroupMamba, _compiled, mark_size_dynamic
-from .speed import _synchronize
+from mmgroupmamba.models import GroupMamba
+from mmgroupmamba.models.groupmamba import _compiled, mark_size_dynamic
+
+from .speed import synchronize
 
 
 def detection_sizes(count: int, seed: int = 0, scale: Tuple[int, int] = (1333, 800),
@@ -93,7 +95,7 @@ def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, i
             mark_size_dynamic(x)
         start = time.perf_counter()
         outs, grads = run(compiled, x)
-        _synchronize(device)
+        synchronize(device)
         row = dict(size=tuple(size), graphs=counters['stats']['unique_graphs'] - graphs,
                    seconds=time.perf_counter() - start,
                    output_error=_relative_error(outs, expected_outs))

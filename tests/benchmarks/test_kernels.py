@@ -4,9 +4,8 @@ import argparse
 import pytest
 import torch
 
-from mmgroupmamba.analysis.kernels import (SCAN_SHAPES, candidate_tiles, chunk_lengths,
-                                           parse_scan_shape, scan_benchmark_parser, scan_inputs,
-                                           scan_io_bytes)
+from common.kernels import (SCAN_SHAPES, candidate_tiles, chunk_lengths, parse_scan_shape,
+                            scan_benchmark_parser, scan_inputs, scan_io_bytes)
 from mmgroupmamba.ops import torch_scan
 
 

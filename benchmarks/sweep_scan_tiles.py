@@ -1,7 +1,7 @@
 """Launch geometry of the N = 1 scan kernels: kernel time per tile, to choose ``plan``'s table.
 
-    python tools/analysis/sweep_scan_tiles.py                  # GroupMamba-T shapes, fp32
-    python tools/analysis/sweep_scan_tiles.py --shapes 128x87x196 --warps 2 4 8 --top 10
+    python benchmarks/sweep_scan_tiles.py                  # GroupMamba-T shapes, fp32
+    python benchmarks/sweep_scan_tiles.py --shapes 128x87x196 --warps 2 4 8 --top 10
 
 For each shape (``batch x dim x L``, one group scanning left to right, N = 1) every tile of
 ``block_d`` channels x ``block_t`` steps run by ``warps`` warps is timed, replayed from a CUDA
@@ -13,8 +13,9 @@ tiles per shape.
 import torch
 import triton
 
-from mmgroupmamba.analysis.kernels import scan_benchmark_parser, sweep_scan_tiles
 from mmgroupmamba.ops.triton_scan_n1 import LaunchConfig
+
+from common.kernels import scan_benchmark_parser, sweep_scan_tiles
 
 
 def parse_args():

@@ -1,18 +1,20 @@
 """Where the time of a GroupMamba training step goes: a torch.profiler table of the CUDA kernels.
 
-    python tools/analysis/profile_train.py --arch tiny --batch-size 128 [--eager] [--trace t.json]
+    python benchmarks/profile_train.py --arch tiny --batch-size 128 [--eager] [--trace t.json]
 
-Training step as in benchmark.py (forward, loss, backward, AdamW; bf16 autocast, random data).
-First times ``--timed-steps`` untraced steps (throughput and peak memory, as benchmark.py), then
-traces ``--steps`` and prints: the top operators by their kernels' own CUDA time, the kernel time
-by kind of kernel (GEMM, Inductor's fused kernels, scan, ...), the most expensive kernels, and the
-step's wall time against its summed kernel time (the difference is launch gaps and host time).
+Training step as in benchmark_classifier.py (forward, loss, backward, AdamW; bf16 autocast,
+random data). First times ``--timed-steps`` untraced steps (throughput and peak memory, as
+benchmark_classifier.py), then traces ``--steps`` and prints: the top operators by their kernels'
+own CUDA time, the kernel time by kind of kernel (GEMM, Inductor's fused kernels, scan, ...), the
+most expensive kernels, and the step's wall time against its summed kernel time (the difference
+is launch gaps and host time).
 """
 import argparse
 
-from mmgroupmamba.analysis.speed import profile_summary, profile_training
 from mmgroupmamba.models import GroupMambaClassifier
 from mmgroupmamba.models.groupmamba import COMPILE_MODES
+
+from common.speed import profile_summary, profile_training
 
 
 def parse_args():

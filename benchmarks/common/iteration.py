@@ -13,7 +13,7 @@ from mmengine.registry import MODELS, init_default_scope
 from torch._dynamo.utils import counters
 
 from .kernels import compiled_kernels
-from .speed import _synchronize, trace_steps
+from .speed import peak_gib, synchronize, trace_steps
 
 
 def _detection_batch(batch_size: int, shape: Tuple[int, int], num_classes: int):
@@ -137,15 +137,13 @@ def measure_train_iteration(config: str, shape: Tuple[int, int], batch_size: int
 def _timed(iteration: TrainIteration, device: torch.device,
            size: Tuple[int, int]) -> Tuple[float, Optional[float]]:
     """Seconds of one iteration at ``size`` from a synchronised start, and its peak GiB."""
-    _synchronize(device)
+    synchronize(device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     iteration(size)
-    _synchronize(device)
-    seconds = time.perf_counter() - start
-    return seconds, (torch.cuda.max_memory_allocated(device) / 2**30
-                     if device.type == 'cuda' else None)
+    synchronize(device)
+    return time.perf_counter() - start, peak_gib(device)
 
 
 def profile_train_iteration(config: str, shape: Tuple[int, int], batch_size: int,

@@ -1,7 +1,10 @@
-from mmgroupmamba.analysis.iteration import measure_train_iteration, profile_train_iteration
-from mmgroupmamba.analysis.speed import profile_summary
+from pathlib import Path
 
-CONFIG = 'configs/upernet/gm_t_toy_ade20k.py'
+from common.iteration import measure_train_iteration, profile_train_iteration
+from common.speed import profile_summary
+
+CONFIGS = Path(__file__).resolve().parents[2] / 'configs'
+CONFIG = str(CONFIGS / 'upernet' / 'gm_t_toy_ade20k.py')
 
 
 def test_measure_train_iteration_on_the_cpu():
@@ -14,7 +17,7 @@ def test_measure_train_iteration_on_the_cpu():
 
 def test_measure_train_iteration_follows_changing_sizes():
     seen = []
-    result = measure_train_iteration('configs/mask_rcnn/gm_t_toy_coco.py', (64, 64),
+    result = measure_train_iteration(str(CONFIGS / 'mask_rcnn' / 'gm_t_toy_coco.py'), (64, 64),
                                      batch_size=2, warmup=1, steps=1, device='cpu',
                                      sizes=[(64, 96), (96, 64)], on_size=seen.append)
     assert [row['size'] for row in result['sizes']] == [(64, 96), (96, 64)]

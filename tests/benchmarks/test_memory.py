@@ -1,13 +1,13 @@
-"""The saved-for-backward accounting behind tools/analysis/saved_activations.py."""
+"""The saved-for-backward accounting behind benchmarks/saved_activations.py."""
 import runpy
 import sys
 from pathlib import Path
 
 import torch
 
-from mmgroupmamba.analysis.memory import SavedGroup, per_image_bytes, saved_for_backward
+from common.memory import SavedGroup, per_image_bytes, saved_for_backward
 
-TOOL = Path(__file__).parents[2] / 'tools' / 'analysis' / 'saved_activations.py'
+SCRIPT = Path(__file__).resolve().parents[2] / 'benchmarks' / 'saved_activations.py'
 
 
 def test_counts_each_saved_storage_once_without_parameters():
@@ -30,10 +30,10 @@ def test_per_image_bytes_separates_fixed_storage():
     assert per_image_bytes(small, large, 2, 4) == (100, 40)
 
 
-def test_tool_reports_groupmamba_activations(monkeypatch, capsys):
-    monkeypatch.setattr(sys, 'argv', [str(TOOL), '--batch-size', '1', '--image-size', '64',
+def test_script_reports_groupmamba_activations(monkeypatch, capsys):
+    monkeypatch.setattr(sys, 'argv', [str(SCRIPT), '--batch-size', '1', '--image-size', '64',
                                       '--rows', '3', '--device', 'cpu'])
-    runpy.run_path(str(TOOL), run_name='__main__')
+    runpy.run_path(str(SCRIPT), run_name='__main__')
     out = capsys.readouterr().out
     per_image = float(out.split('saved for backward ')[1].split(' MiB per image')[0])
     # Tiny at 64x64 keeps a few MiB per image for backward: more than the input, far less than

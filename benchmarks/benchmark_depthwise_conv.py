@@ -1,7 +1,7 @@
 """Depthwise 3x3 convolution speed on one GPU: the project's Triton op next to cuDNN.
 
-    python tools/analysis/benchmark_depthwise_conv.py                 # GroupMamba-T, batch 128
-    python tools/analysis/benchmark_depthwise_conv.py --dtype float32 --batch-size 64
+    python benchmarks/benchmark_depthwise_conv.py                 # GroupMamba-T, batch 128
+    python benchmarks/benchmark_depthwise_conv.py --dtype float32 --batch-size 64
 
 The maps are GroupMamba-T's at 224x224: each stage's FFN convolution (channels-last, hidden
 width) and SS2D convolution (NCHW, the stage's width). Per map: forward, and backward (input,
@@ -19,6 +19,8 @@ import triton
 from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 from mmgroupmamba.ops import depthwise_conv2d
 
+from common.kernels import kernel_ms
+
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 
 
@@ -32,17 +34,14 @@ def parse_args():
     return parser.parse_args()
 
 
-def time_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode='median')
-
-
 def forward_backward_ms(conv, x, weight, bias):
     """(forward ms, backward ms) of ``conv(x, weight, bias)``."""
     inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]
     grad_y = torch.randn_like(x)
-    forward = time_ms(lambda: conv(*inputs))
+    forward = kernel_ms(lambda: conv(*inputs), rep=100)
     y = conv(*inputs)
-    backward = time_ms(lambda: torch.autograd.grad(y, inputs, grad_y, retain_graph=True))
+    backward = kernel_ms(lambda: torch.autograd.grad(y, inputs, grad_y, retain_graph=True),
+                         rep=100)
     return forward, backward
 
 

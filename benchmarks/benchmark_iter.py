@@ -1,10 +1,10 @@
 r"""Time of one training iteration and its peak memory for detection / segmentation configs.
 
-    python tools/analysis/benchmark_iter.py configs/mask_rcnn/gm_t_1x_coco.py \
+    python benchmarks/benchmark_iter.py configs/mask_rcnn/gm_t_1x_coco.py \
         mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py --shape 800 1216 --batch-size 2 --amp
-    python tools/analysis/benchmark_iter.py configs/upernet/gm_t_160k_ade20k.py \
+    python benchmarks/benchmark_iter.py configs/upernet/gm_t_160k_ade20k.py \
         mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py --shape 512 512
-    python tools/analysis/benchmark_iter.py mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py \
+    python benchmarks/benchmark_iter.py mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py \
         configs/mask_rcnn/gm_t_1x_coco.py --steps 20 --detection-sizes 12
 
 Each iteration is the runner's own ``model.train_step`` with the config's optimizer wrapper
@@ -23,8 +23,8 @@ import statistics
 
 from mmengine.config import DictAction
 
-from mmgroupmamba.analysis.compiling import detection_sizes
-from mmgroupmamba.analysis.iteration import measure_train_iteration
+from common.compiling import detection_sizes
+from common.iteration import measure_train_iteration
 
 
 def main():

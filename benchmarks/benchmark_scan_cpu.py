@@ -3,7 +3,7 @@
 Shapes are GroupMamba-T's per-group scans (batch 8, N = 1) at the four stages, the full 4-group
 direction form of stage 1, and one long detection-size sequence (op only).
 
-    python tools/analysis/benchmark_scan_cpu.py [--repeats 3] [--threads 1]
+    python benchmarks/benchmark_scan_cpu.py [--repeats 3] [--threads 1]
 """
 import argparse
 import time

@@ -1,14 +1,17 @@
-"""Throughput and memory of GroupMamba classifiers next to timm's Swin-T and ConvNeXt-T.
+r"""Throughput and memory of GroupMamba classifiers next to timm's Swin-T and ConvNeXt-T.
 
-    python tools/analysis/benchmark.py                       # the whole table, batch 128, 224x224
-    python tools/analysis/benchmark.py --models gm_t --teacher regnety_160   # + hard-distillation rows
-    python tools/analysis/benchmark.py --models gm_t --eager   # GroupMamba without torch.compile
+    python benchmarks/benchmark_classifier.py --eager   # every model eager; batch 128, 224x224
+    python benchmarks/benchmark_classifier.py --compile-mode reduce-overhead  # all compiled
+    python benchmarks/benchmark_classifier.py --eager --models gm_t --teacher regnety_160
 
 Training = forward, loss, backward and AdamW step under bf16 autocast; inference = eval-mode
 forward in bf16 (autocast) and in fp32. Random inputs; median of timed windows after warm-up.
-GroupMamba runs its backbone as one torch.compile graph unless --eager (``--compile-mode
-reduce-overhead`` replays it as CUDA graphs); the warm-up column is the time of the warm-up steps
-(compilation included) of the training measurement.
+Every model runs the same way, so rows compare like for like: eager with ``--eager``, otherwise
+compiled in ``--compile-mode`` on CUDA (GroupMamba through its ``torch_compile`` option, its
+backbone as one graph; timm's models through ``torch.compile`` as a whole; ``reduce-overhead``
+replays CUDA graphs). The warm-up column is the time of the warm-up steps (compilation included)
+of the training measurement. ``--teacher`` adds training rows with a distillation teacher's
+no-grad forward (eager).
 """
 import argparse
 import json
@@ -16,32 +19,40 @@ import json
 import timm
 import torch
 
-from mmgroupmamba.analysis.speed import measure_inference, measure_training
 from mmgroupmamba.models import GroupMambaClassifier
 from mmgroupmamba.models.groupmamba import COMPILE_MODES
 
-MODELS = {
-    'gm_t': lambda compile: GroupMambaClassifier(arch='tiny', torch_compile=compile),
-    'gm_s': lambda compile: GroupMambaClassifier(arch='small', torch_compile=compile),
-    'gm_b': lambda compile: GroupMambaClassifier(arch='base', torch_compile=compile),
-    'swin_t': lambda compile: timm.create_model('swin_tiny_patch4_window7_224'),
-    'convnext_t': lambda compile: timm.create_model('convnext_tiny'),
-}
+from common.speed import measure_inference, measure_training
+
+GROUPMAMBA = {'gm_t': 'tiny', 'gm_s': 'small', 'gm_b': 'base'}
+PEERS = {'swin_t': 'swin_tiny_patch4_window7_224', 'convnext_t': 'convnext_tiny'}
+
+
+def build_model(name: str, compile_mode, device: str) -> torch.nn.Module:
+    """The classifier ``name`` (random weights), eager when ``compile_mode`` is False, else
+    compiled in that ``torch.compile`` mode where GroupMamba compiles (CUDA)."""
+    if name in GROUPMAMBA:
+        return GroupMambaClassifier(arch=GROUPMAMBA[name], torch_compile=compile_mode)
+    model = timm.create_model(PEERS[name])
+    if compile_mode is False or torch.device(device).type != 'cuda':
+        return model
+    return torch.compile(model, mode=compile_mode)
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    models = [*GROUPMAMBA, *PEERS]
+    parser.add_argument('--models', nargs='+', default=models, choices=models)
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--image-size', type=int, default=224)
     parser.add_argument('--steps', type=int, default=10, help='timed steps per window')
     parser.add_argument('--teacher', default=None,
                         help='timm name of a distillation teacher: adds "+ teacher" training rows')
     parser.add_argument('--skip', nargs='*', default=[], choices=['train', 'bf16', 'fp32'])
-    parser.add_argument('--eager', action='store_true', help='GroupMamba without torch.compile')
+    parser.add_argument('--eager', action='store_true', help='every model without torch.compile')
     parser.add_argument('--compile-mode', default='default', choices=COMPILE_MODES,
-                        help="GroupMamba's torch.compile mode ('reduce-overhead': CUDA graphs)")
+                        help="every model's torch.compile mode ('reduce-overhead': CUDA graphs)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', help='also write the results as JSON to this file')
     return parser.parse_args()
@@ -49,32 +60,30 @@ def parse_args():
 
 def main():
     args = parse_args()
-    common = dict(batch_size=args.batch_size, image_size=args.image_size, device=args.device)
+    setting = dict(batch_size=args.batch_size, image_size=args.image_size, device=args.device)
     rows = []
+    compile_mode = False if args.eager else args.compile_mode
     for name in args.models:
-        suffix = ''
-        if name.startswith('gm_') and (args.eager or args.compile_mode != 'default'):
-            suffix = ' (eager)' if args.eager else f' ({args.compile_mode})'
-        row = dict(model=name + suffix)
+        row = dict(model=f"{name} ({'eager' if args.eager else args.compile_mode})")
 
         def build():
-            return MODELS[name](False if args.eager else args.compile_mode)
+            return build_model(name, compile_mode, args.device)
 
         if 'train' not in args.skip:
-            train = measure_training(build(), steps=args.steps, **common)
+            train = measure_training(build(), steps=args.steps, **setting)
             row.update(train_img_s=train['images_per_s'], train_peak_gib=train['peak_gib'],
                        warmup_s=train['warmup_s'])
         if 'bf16' not in args.skip:
             row['infer_bf16_img_s'] = measure_inference(
-                build(), dtype=torch.bfloat16, steps=2 * args.steps, **common)['images_per_s']
+                build(), dtype=torch.bfloat16, steps=2 * args.steps, **setting)['images_per_s']
         if 'fp32' not in args.skip:
             row['infer_fp32_img_s'] = measure_inference(
-                build(), dtype=torch.float32, steps=2 * args.steps, **common)['images_per_s']
+                build(), dtype=torch.float32, steps=2 * args.steps, **setting)['images_per_s']
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.teacher and 'train' not in args.skip:
             teacher = timm.create_model(args.teacher)
-            train = measure_training(build(), teacher=teacher, steps=args.steps, **common)
+            train = measure_training(build(), teacher=teacher, steps=args.steps, **setting)
             rows.append(dict(model=f'{name} + {args.teacher}', train_img_s=train['images_per_s'],
                              train_peak_gib=train['peak_gib']))
             print(json.dumps(rows[-1]), flush=True)

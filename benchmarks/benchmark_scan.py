@@ -1,13 +1,13 @@
 r"""Selective-scan speed on one GPU: Triton kernels next to the torch (reference) path.
 
-    python tools/analysis/benchmark_scan.py                      # GroupMamba-T shapes, fp32
-    python tools/analysis/benchmark_scan.py --dtype bfloat16 --shapes 128x16x3136
+    python benchmarks/benchmark_scan.py                      # GroupMamba-T shapes, fp32
+    python benchmarks/benchmark_scan.py --dtype bfloat16 --shapes 128x16x3136
 
 Shapes are ``batch x dim x L``: one channel group scanning left to right, N = 1, with D,
 delta_bias and softplus as in the model; ``--all-directions`` scans four groups instead, one per
 direction, over the most nearly square ``H x W`` map of ``L`` tokens, as the model does:
 
-    python tools/analysis/benchmark_scan.py --all-directions --shapes 128x64x3136 128x128x784 \
+    python benchmarks/benchmark_scan.py --all-directions --shapes 128x64x3136 128x128x784 \
         128x348x196 128x448x49 2x64x60800 2x448x950
 
 Effective bandwidth counts the bytes of u, delta, B and C read and y written, over forward time.
@@ -18,9 +18,10 @@ columns replay the Triton calls as captured CUDA graphs: kernel time alone.
 import torch
 import triton
 
-from mmgroupmamba.analysis.kernels import (graph_ms, kernel_ms, scan_benchmark_parser, scan_inputs,
-                                           scan_io_bytes)
 from mmgroupmamba.ops import torch_scan, triton_scan
+
+from common.kernels import (graph_ms, kernel_ms, scan_benchmark_parser, scan_inputs,
+                            scan_io_bytes)
 
 
 def parse_args():

@@ -1,7 +1,7 @@
 """Activation memory of a GroupMamba training forward: what autograd keeps for backward.
 
-    python tools/analysis/saved_activations.py --arch tiny --batch-size 2            # eager
-    python tools/analysis/saved_activations.py --arch tiny --batch-size 2 --compile  # compiled
+    python benchmarks/saved_activations.py --arch tiny --batch-size 2            # eager
+    python benchmarks/saved_activations.py --arch tiny --batch-size 2 --compile  # compiled
 
 Runs the classifier's training forward under autocast (bf16 by default) on random images at
 ``--batch-size`` and twice that (after one untimed call each, which compiles): prints the MiB per
@@ -13,9 +13,10 @@ import argparse
 
 import torch
 
-from mmgroupmamba.analysis.memory import per_image_bytes, saved_for_backward
 from mmgroupmamba.models import GroupMambaClassifier
 from mmgroupmamba.models import groupmamba as groupmamba_module
+
+from common.memory import per_image_bytes, saved_for_backward
 
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}
 

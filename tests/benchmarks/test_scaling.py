@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from mmgroupmamba.analysis.scaling import (compare_metrics, final_metrics, json_logs,
-                                           metrics_agree, read_json_log, repeat_image_folder,
-                                           scaling_efficiency, summarize_train)
+from common.scaling import (compare_metrics, final_metrics, json_logs, metrics_agree,
+                            read_json_log, repeat_image_folder, scaling_efficiency,
+                            summarize_train)
 
 
 def _train_line(step, loss, time, data_time=0.01):

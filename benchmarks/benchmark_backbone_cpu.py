@@ -3,7 +3,7 @@ r"""CPU forward time of the GroupMamba backbone next to timm's Swin-T (eval, no 
 The two models are timed in alternating rounds and each reports its best round, so that load
 from other processes on a shared machine affects both alike.
 
-    python tools/analysis/benchmark_backbone_cpu.py [--arch tiny] [--size 224] [--batch 1] \
+    python benchmarks/benchmark_backbone_cpu.py [--arch tiny] [--size 224] [--batch 1] \
         [--threads 2] [--rounds 5]
 """
 import argparse
@@ -11,8 +11,9 @@ import argparse
 import timm
 import torch
 
-from mmgroupmamba.analysis.speed import measure_inference
 from mmgroupmamba.models import GroupMamba
+
+from common.speed import measure_inference
 
 
 def main():

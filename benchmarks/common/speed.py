@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU)."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
@@ -22,24 +23,25 @@ def _synchronize(device: torch.device) -> None:
 def _median_step_seconds(step: Callable[[], None], device: torch.device, warmup: int,
                          steps: int, windows: int = 3) -> Tuple[float, float]:
     """(median seconds per step, seconds of the warm-up steps: compilation shows there)."""
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(warmup):
         step()
-    _synchronize(device)
+    synchronize(device)
     warmup_seconds = time.perf_counter() - start
     times = []
     for _ in range(windows):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
             step()
-        _synchronize(device)
+        synchronize(device)
         times.append((time.perf_counter() - start) / steps)
     return statistics.median(times), warmup_seconds
 
 
-def _peak_gib(device: torch.device) -> Optional[float]:
+def peak_gib(device: torch.device) -> Optional[float]:
+    """GPU memory allocated at the peak since the last reset, in GiB (None on the CPU)."""
     if device.type != 'cuda':
         return None
     return torch.cuda.max_memory_allocated(device) / 2**30
@@ -114,7 +116,7 @@ def _timed(step: Callable[[], None], batch_size: int, device: torch.device, warm
     _reset_peak(device)
     seconds, warmup_seconds = _median_step_seconds(step, device, warmup, steps)
     return dict(images_per_s=batch_size / seconds, step_ms=seconds * 1e3,
-                peak_gib=_peak_gib(device), warmup_s=warmup_seconds)
+                peak_gib=peak_gib(device), warmup_s=warmup_seconds)
 
 
 # Kinds of CUDA kernels by name, first match wins: the project's Triton kernels (scan, depthwise
@@ -165,14 +167,14 @@ def profile_training(model: torch.nn.Module, batch_size: int, warmup: int = 5, s
 def trace_steps(step: Callable[[], None], device: torch.device, steps: int):
     """A ``torch.profiler`` trace (CPU activity, and CUDA activity on a GPU) of ``steps`` calls
     of ``step``, from a synchronised start to a synchronised end."""
-    _synchronize(device)
+    synchronize(device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == 'cuda':
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        _synchronize(device)
+        synchronize(device)
     return prof
 
 

@@ -1,10 +1,10 @@
 r"""Whether the compiled GroupMamba backbone follows changing image sizes: graphs compiled per size,
 time per call and errors against eager.
 
-    python tools/analysis/compile_check.py --detection-sizes 20 --batch-size 2 --device cuda
-    python tools/analysis/compile_check.py --arch tiny --sizes 512x512 512x683 640x480 --eval
-    python tools/analysis/compile_check.py --backend aot_eager --sizes 64x96 80x112 96x80
-    python tools/analysis/compile_check.py --arch tiny --detection-sizes 4 --batch-size 2 \
+    python benchmarks/compile_check.py --detection-sizes 20 --batch-size 2 --device cuda
+    python benchmarks/compile_check.py --arch tiny --sizes 512x512 512x683 640x480 --eval
+    python benchmarks/compile_check.py --backend aot_eager --sizes 64x96 80x112 96x80
+    python benchmarks/compile_check.py --arch tiny --detection-sizes 4 --batch-size 2 \
         --device cuda --dynamic-shapes    # one dynamic graph from the first size
 
 A size that compiles a graph after the first change of size means the compiled graph is
@@ -13,8 +13,9 @@ checks what Dynamo and AOTAutograd trace, without Inductor, much faster.
 """
 import argparse
 
-from mmgroupmamba.analysis.compiling import check_compiled_backbone, detection_sizes
 from mmgroupmamba.models.groupmamba import COMPILE_MODES
+
+from common.compiling import check_compiled_backbone, detection_sizes
 
 ONE_BLOCK_ARCH = dict(embed_dims=(64, 128, 348, 448), depths=(1, 1, 1, 1), stem_channels=32,
                       mlp_ratios=(8, 8, 4, 4))

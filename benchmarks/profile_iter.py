@@ -1,7 +1,7 @@
 r"""Where the time of a detection or segmentation training iteration goes: torch.profiler tables.
 
-    python tools/analysis/profile_iter.py configs/upernet/gm_t_160k_ade20k.py --shape 512 512
-    python tools/analysis/profile_iter.py configs/mask_rcnn/gm_t_1x_coco.py --shape 800 1216 \
+    python benchmarks/profile_iter.py configs/upernet/gm_t_160k_ade20k.py --shape 512 512
+    python benchmarks/profile_iter.py configs/mask_rcnn/gm_t_1x_coco.py --shape 800 1216 \
         --cfg-options model.backbone.torch_compile=True
 
 The iteration is benchmark_iter.py's (the config's ``train_step`` on random data). Prints the top
@@ -13,8 +13,8 @@ import argparse
 
 from mmengine.config import DictAction
 
-from mmgroupmamba.analysis.iteration import profile_train_iteration
-from mmgroupmamba.analysis.speed import profile_summary
+from common.iteration import profile_train_iteration
+from common.speed import profile_summary
 
 
 def main():

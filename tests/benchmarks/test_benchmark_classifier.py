@@ -1,0 +1,36 @@
+"""The classifier benchmark builds every model the same way: eager, or compiled in one mode."""
+import pytest
+import torch
+
+import benchmark_classifier
+from mmgroupmamba.models import GroupMambaClassifier
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """The modes ``torch.compile`` was called with (the model is returned as it is)."""
+    modes = []
+
+    def fake_compile(model, mode=None):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    return modes
+
+
+@pytest.mark.parametrize('compile_mode', ['default', 'reduce-overhead'])
+def test_compiled_rows_compile_every_model_in_one_mode(compiled, compile_mode):
+    groupmamba = benchmark_classifier.build_model('gm_t', compile_mode, 'cuda')
+    assert isinstance(groupmamba, GroupMambaClassifier)
+    assert groupmamba.backbone.torch_compile == compile_mode
+    benchmark_classifier.build_model('swin_t', compile_mode, 'cuda')
+    assert compiled == [compile_mode]
+
+
+def test_eager_rows_compile_nothing(compiled):
+    assert benchmark_classifier.build_model('gm_t', False, 'cuda').backbone.torch_compile is False
+    benchmark_classifier.build_model('swin_t', False, 'cuda')
+    # GroupMamba runs eagerly on the CPU whatever torch_compile says; so does its peer.
+    benchmark_classifier.build_model('swin_t', 'default', 'cpu')
+    assert compiled == []
