@@ -20,7 +20,7 @@ import timm
 import torch
 
 from mmgroupmamba.models import GroupMambaClassifier
-from mmgroupmamba.models.groupmamba import COMPILE_MODES
+from mmgroupmamba.models.compiling import COMPILE_MODES
 
 from common.speed import measure_inference, measure_training
 

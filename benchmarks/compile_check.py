@@ -13,7 +13,7 @@ checks what Dynamo and AOTAutograd trace, without Inductor, much faster.
 """
 import argparse
 
-from mmgroupmamba.models.groupmamba import COMPILE_MODES
+from mmgroupmamba.models.compiling import COMPILE_MODES
 
 from common.compiling import check_compiled_backbone, detection_sizes
 

@@ -12,7 +12,7 @@ is launch gaps and host time).
 import argparse
 
 from mmgroupmamba.models import GroupMambaClassifier
-from mmgroupmamba.models.groupmamba import COMPILE_MODES
+from mmgroupmamba.models.compiling import COMPILE_MODES
 
 from common.speed import profile_summary, profile_training
 

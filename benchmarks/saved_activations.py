@@ -14,7 +14,6 @@ import argparse
 import torch
 
 from mmgroupmamba.models import GroupMambaClassifier
-from mmgroupmamba.models import groupmamba as groupmamba_module
 
 from common.memory import per_image_bytes, saved_for_backward
 
@@ -38,15 +37,13 @@ def parse_args():
 def main():
     args = parse_args()
     torch.manual_seed(0)
-    model = GroupMambaClassifier(args.arch).to(args.device).train()
+    # torch_compile compiles on CUDA by default; here on whichever device runs.
+    settings = dict(devices=(torch.device(args.device).type, )) if args.compile else False
+    model = GroupMambaClassifier(args.arch, torch_compile=settings).to(args.device).train()
     if args.compile:
-        # torch_compile=True compiles on CUDA only; here the same function on any device.
-        features = groupmamba_module._compiled(groupmamba_module.GroupMamba._features)
         # One static graph per batch size: Inductor's CPU backend fails on some dynamic-shape
         # graphs of this model (torch 2.13), and static graphs are what a fixed-size run uses.
         torch._dynamo.config.automatic_dynamic_shapes = False
-        model.backbone._run_features = (
-            lambda x, num_stages, norm_last: features(model.backbone, x, num_stages, norm_last))
     dtype = DTYPES[args.amp]
     batches = (args.batch_size, 2 * args.batch_size)
 

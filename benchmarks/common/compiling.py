@@ -3,7 +3,7 @@ compiled results against eager ones.
 
 Detection trains at a new padded image size nearly every iteration. A compiled backbone suits it
 only if, after the first size change, one dynamic-shape graph serves every later size. This
-runs the backbone's compiled function (the one ``torch_compile`` uses) at a list of sizes, in
+runs the backbone compiled through its ``torch_compile`` entry at a list of sizes, in
 training (forward and backward) or inference, and per size reports the graphs compiled, the
 time of the call (compilation included) and the relative error of its outputs (and gradients)
 against the eager backbone with the same weights.
@@ -17,7 +17,6 @@ import torch
 from torch._dynamo.utils import counters
 
 from mmgroupmamba.models import GroupMamba
-from mmgroupmamba.models.groupmamba import _compiled, mark_size_dynamic
 
 from .speed import synchronize
 
@@ -57,26 +56,23 @@ def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, i
     compiled call, compilation included), ``output_error`` and, when training,
     ``gradient_error`` (largest relative error of a map / of a non-scalar parameter's gradient).
 
-    ``backend='inductor'`` runs the backbone's own compiled function in ``mode``; another
-    ``torch.compile`` backend (``'aot_eager'``) checks tracing alone, fast. ``dynamic`` compiles
-    for any height and width from the first call, as the backbone's ``compile_dynamic`` does
-    (one graph instead of a static one and then a dynamic one: half the compilation on a GPU,
-    where each takes minutes). ``on_row`` receives
-    each row as soon as it is measured (compilation can take minutes per size).
+    The compiled backbone is the model's own: ``torch_compile=dict(mode, backend, dynamic,
+    devices=(device,))``. ``backend='inductor'`` generates code (minutes per graph on a GPU);
+    ``'aot_eager'`` checks tracing alone, fast. ``dynamic`` compiles for any height and width
+    from the first call (one graph instead of a static one and then a dynamic one). ``on_row``
+    receives each row as soon as it is measured (compilation can take minutes per size).
     """
     torch.manual_seed(seed)
     device = torch.device(device)
-    model = GroupMamba(arch).to(device).train(train)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if backend == 'inductor':
-        compiled = _compiled(GroupMamba._features, mode)
-    else:
-        compiled = torch.compile(GroupMamba._features, backend=backend)
-    num_stages = len(model.stages)
+    eager = GroupMamba(arch).to(device).train(train)
+    settings = dict(mode=mode, backend=backend, dynamic=dynamic, devices=(device.type, ))
+    compiled = GroupMamba(arch, torch_compile=settings).to(device).train(train)
+    compiled.load_state_dict(eager.state_dict())
 
-    def run(features, x):
+    def run(model, x):
+        params = [p for p in model.parameters() if p.requires_grad]
         with torch.set_grad_enabled(train):
-            outs = features(model, x, num_stages, True)
+            outs = model(x)
             if not train:
                 return [out.detach() for out in outs], []
             # A fixed projection, not a norm: LayerNorm'd maps have a nearly constant norm, whose
@@ -88,11 +84,9 @@ def check_compiled_backbone(arch: Union[str, dict], sizes: Sequence[Tuple[int, i
 
     rows = []
     for size in sizes:
-        x = torch.randn(batch_size, model.in_channels, *size, device=device)
-        expected_outs, expected_grads = run(GroupMamba._features, x)
+        x = torch.randn(batch_size, eager.in_channels, *size, device=device)
+        expected_outs, expected_grads = run(eager, x)
         graphs = counters['stats']['unique_graphs']
-        if dynamic:
-            mark_size_dynamic(x)
         start = time.perf_counter()
         outs, grads = run(compiled, x)
         synchronize(device)

@@ -33,8 +33,7 @@ model = dict(
         drop_path_rate=0.2,
         # One compiled graph (CUDA) for every image size from the first iteration: detection
         # resizes and pads each batch to a new size. The first iterations compile (minutes).
-        torch_compile=True,
-        compile_dynamic=True,
+        torch_compile=dict(dynamic=True),
         init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
     neck=dict(in_channels=[64, 128, 348, 448]))
 

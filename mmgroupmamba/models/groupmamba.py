@@ -8,7 +8,6 @@ direction (``GroupedSS2D``) -> channel affinity modulation -> LayerNorm -> Linea
 Tokens travel channels-last, ``(B, H, W, C)``; convolutions see them as NCHW views with a
 channels-last memory layout, so no copies are made between the two.
 """
-import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -24,7 +23,7 @@ from timm.layers import DropPath
 
 from ..ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
 from ..ops.fused import conv_gelu_linear, group_norm_gate
-from ..ops.opaque_conv import opaque_conv2d
+from .compiling import dense_conv, resolve_compile, run_compiled
 from .weights import check_outputs_finite, check_weights_on_load
 
 # Variants of the paper. Channels per stage, blocks per stage, width of the stem convolutions and
@@ -252,51 +251,6 @@ class GroupMambaBlock(nn.Module):
         return x + self.drop_path(self.ffn(self.norm(x)))
 
 
-# torch.compile modes ``torch_compile`` may name; True means 'default'.
-COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
-# Devices whose inputs run the compiled backbone; others run it eagerly.
-_COMPILED_DEVICES = ('cuda', )
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(fn, mode: str = 'default'):
-    """``fn`` through ``torch.compile`` in ``mode``, built on first use. The whole backbone is one
-    graph (the scans and depthwise convolutions included, as custom operators): the pointwise
-    work around them and the matmuls fuses into few kernels, and backward recomputes it instead
-    of storing its intermediates. Each mode (train/eval), autocast dtype and caller is a cache
-    entry, and changing image sizes turn into one dynamic-shape entry. (Compiling each stage on
-    its own would make the stages' different sizes look like one changing, dynamic shape.)"""
-    limit = 64
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    # torch.compile takes a mode or options, not both: the mode's options plus these.
-    # Inductor's coalescing analysis trips an internal assertion on the stage graphs (torch 2.11).
-    # Layout optimisation (channels-last around the convolutions) asks for stride orders of
-    # views in terms of the symbolic sizes, which Inductor cannot compare once the image size
-    # changes ("cannot determine truth value of Relational", torch 2.13).
-    # Mixed-order reductions (a LayerNorm backward's row and column sums in one kernel) fail to
-    # split their ranges once the sizes are symbolic ("CantSplit", torch 2.11).
-    options = dict(torch._inductor.list_mode_options(mode), **{
-        'triton.coalesce_tiling_analysis': False, 'layout_optimization': False,
-        'triton.mix_order_reduction': False})
-    if options.get('triton.cudagraphs'):
-        # CUDA graphs serve a fixed input size (classification, segmentation crops). Once the size
-        # changes (whole-image evaluation, detection) the graph is recompiled for dynamic shapes;
-        # that one runs without graphs rather than recording and keeping one graph per size.
-        options['triton.cudagraph_skip_dynamic_graphs'] = True
-        # One graph for the whole step: Inductor's graph partitions (split around operators such
-        # as the scan's backward) leave the tensors of a list-returning custom operator untracked
-        # in the graph pool, and the first backward fails (torch 2.11).
-        options['graph_partition'] = False
-    return torch.compile(fn, options=options)
-
-
-def mark_size_dynamic(images: torch.Tensor) -> None:
-    """Let the compiled backbone take the height and width of ``images`` (B, C, H, W) as symbols
-    from its first call, so that one graph serves every size."""
-    torch._dynamo.maybe_mark_dynamic(images, 2)
-    torch._dynamo.maybe_mark_dynamic(images, 3)
-
-
 class ClassBlock(nn.Module):
     """Post-network of the classifier on the class token (the mean of the last stage's tokens):
     (B, C) -> (B, C). The mixer sees a 1x1 map; its output is normalised before the residual."""
@@ -324,15 +278,7 @@ class Downsample(nn.Module):
         self.norm = nn.LayerNorm(embed_dims, eps=_INNER_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(_dense_conv(self.proj, x).permute(0, 2, 3, 1))
-
-
-def _dense_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``; while compiling, as an opaque operator (see ``ops.opaque_conv``): Inductor's
-    own lowering of its backward would specialise the graph on the image size."""
-    if torch.compiler.is_compiling():
-        return opaque_conv2d(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0])
-    return conv(x)
+        return self.norm(dense_conv(self.proj, x).permute(0, 2, 3, 1))
 
 
 class ConvBNReLU(nn.Sequential):
@@ -346,7 +292,7 @@ class ConvBNReLU(nn.Sequential):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(_dense_conv(self.conv, x)))
+        return self.act(self.bn(dense_conv(self.conv, x)))
 
 
 class Stem(Downsample):
@@ -409,17 +355,11 @@ class GroupMamba(BaseModule):
         frozen_stages (int): -1 freezes nothing, 0 the stem, k the stem and stages 0..k-1.
         norm_eval (bool): keep the stem's BatchNorms in eval mode while training.
         with_cp (bool): gradient checkpointing per block.
-        torch_compile (bool | str): run the backbone as one ``torch.compile`` graph on CUDA
-            (faster and leaner training and inference; the first steps compile, a few minutes).
-            A string names the compile mode (one of ``COMPILE_MODES``); ``'reduce-overhead'``
-            replays CUDA graphs for fixed input sizes (classification, segmentation training on
-            fixed crops; sizes that change run compiled without graphs). CPU inputs always run
-            eagerly.
-        compile_dynamic (bool): with ``torch_compile``, compile one graph for any image size at
-            the first step (detection: a new size nearly every batch). Otherwise the first graph
-            is specialised on the first size and the first change of size compiles a second one.
-            A CUDA-graph mode then records no graphs (they serve one size each). Without
-            ``torch_compile`` it changes nothing.
+        torch_compile (bool | str | dict): run the backbone as one ``torch.compile`` graph
+            (faster and leaner training and inference on CUDA; the first steps compile, a few
+            minutes). ``True``, a mode name (``'reduce-overhead'``: CUDA graphs for fixed input
+            sizes) or ``dict(mode, dynamic, backend, devices)``; ``dynamic=True`` compiles one
+            graph for every image size (detection). See ``models.compiling``.
         drop_path_rate (float): stochastic depth, linearly increasing over all blocks.
         init_cfg (dict, optional): e.g.
             ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``.
@@ -433,8 +373,7 @@ class GroupMamba(BaseModule):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  drop_path_rate: float = 0.,
-                 torch_compile: Union[bool, str] = False,
-                 compile_dynamic: bool = False,
+                 torch_compile: Union[bool, str, dict] = False,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
         settings = resolve_arch(arch)
@@ -449,11 +388,7 @@ class GroupMamba(BaseModule):
         self.in_channels = in_channels
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        if not isinstance(torch_compile, bool) and torch_compile not in COMPILE_MODES:
-            raise ValueError(f'torch_compile must be a bool or one of {COMPILE_MODES}, got '
-                             f'{torch_compile!r}')
-        self.torch_compile = torch_compile
-        self.compile_dynamic = compile_dynamic
+        self.compile_settings = resolve_compile(torch_compile)
 
         self.stem = Stem(in_channels, settings['stem_channels'], self.embed_dims[0])
         rates = torch.linspace(0, drop_path_rate, sum(self.depths), device='cpu').tolist()
@@ -487,19 +422,9 @@ class GroupMamba(BaseModule):
 
     def _run_features(self, x: torch.Tensor, num_stages: int,
                       norm_last: bool) -> List[torch.Tensor]:
-        if self.torch_compile and x.device.type in _COMPILED_DEVICES:
-            mode = 'default' if self.torch_compile is True else self.torch_compile
-            if self.compile_dynamic:
-                mark_size_dynamic(x)
-            try:
-                return _compiled(GroupMamba._features, mode)(self, x, num_stages, norm_last)
-            except torch._dynamo.exc.BackendCompilerFailed as error:
-                cause = getattr(error, 'inner_exception', error)
-                raise RuntimeError(
-                    f'compiling the GroupMamba backbone (torch_compile={self.torch_compile!r}) '
-                    f'failed with {type(cause).__name__}: {cause}. Set torch_compile=False to '
-                    'run it eagerly (in a config: --cfg-options '
-                    'model.backbone.torch_compile=False).') from error
+        settings = self.compile_settings
+        if settings is not None and x.device.type in settings['devices']:
+            return run_compiled(GroupMamba._features, settings, x, self, x, num_stages, norm_last)
         return self._features(x, num_stages, norm_last)
 
     def _features(self, x: torch.Tensor, num_stages: int, norm_last: bool) -> List[torch.Tensor]:
@@ -541,13 +466,19 @@ class GroupMambaClassifier(nn.Module):
     eval mode, or only ``logits`` without distillation; each (B, num_classes).
 
     Weights are checked before they load, outputs in eval mode, as for ``GroupMamba``; the
-    classifier's check covers its backbone's keys, whose own is removed."""
+    classifier's check covers its backbone's keys, whose own is removed.
+
+    Args:
+        arch, drop_path_rate, with_cp, torch_compile: as for ``GroupMamba``.
+        num_classes (int): classes of both heads.
+        distillation (bool): a second (distillation) head, averaged with the first in eval mode.
+    """
 
     def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
-                 distillation: bool = True, drop_path_rate: float = 0.,
-                 torch_compile: Union[bool, str] = False):
+                 distillation: bool = True, drop_path_rate: float = 0., with_cp: bool = False,
+                 torch_compile: Union[bool, str, dict] = False):
         super().__init__()
-        self.backbone = GroupMamba(arch, drop_path_rate=drop_path_rate,
+        self.backbone = GroupMamba(arch, drop_path_rate=drop_path_rate, with_cp=with_cp,
                                    torch_compile=torch_compile)
         dims = self.backbone.embed_dims[-1]
         self.class_block = ClassBlock(dims, self.backbone.mlp_ratios[-1])

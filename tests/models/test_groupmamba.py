@@ -3,7 +3,6 @@
 Most tests use a narrow custom arch so that they run in seconds on a CPU; parameter counts of the
 real variants are checked on the meta device.
 """
-import functools
 import math
 
 import pytest
@@ -209,45 +208,39 @@ def test_registered_in_openmmlab_registries():
     (dict(frozen_stages=5), ValueError, 'frozen_stages'),
     (dict(frozen_stages=-2), ValueError, 'frozen_stages'),
     (dict(torch_compile='fastest'), ValueError, 'reduce-overhead'),
+    (dict(torch_compile=dict(dynamc=True)), ValueError, r"unknown keys \['dynamc'\]"),
 ])
 def test_misconfiguration_is_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         GroupMamba(**{'arch': ARCH, **kwargs})
 
 
-def test_failed_compilation_names_the_eager_switch(monkeypatch):
+def test_failed_compilation_names_the_eager_switch():
     """A backend that cannot compile (no C compiler, an Inductor bug) stops with the setting
     that runs the backbone eagerly; the original error stays attached."""
     from torch._dynamo.exc import BackendCompilerFailed
 
-    from mmgroupmamba.models import groupmamba
+    def no_compiler(graph, example_inputs):
+        raise OSError('no C compiler found')
 
-    def failing(fn, mode):
-        def call(*args):
-            raise BackendCompilerFailed(print, OSError('no C compiler found'), None)
-        return call
-
-    monkeypatch.setattr(groupmamba, '_COMPILED_DEVICES', ('cpu', ))
-    monkeypatch.setattr(groupmamba, '_compiled', failing)
-    model = GroupMamba(ARCH, torch_compile='reduce-overhead')
+    torch._dynamo.reset()
+    model = GroupMamba(ARCH, torch_compile=dict(backend=no_compiler, devices=('cpu', )))
     with pytest.raises(RuntimeError, match='torch_compile=False') as info:
         model(torch.randn(1, 3, 32, 32))
     assert 'OSError: no C compiler found' in str(info.value)
     assert isinstance(info.value.__cause__, BackendCompilerFailed)
 
 
-@pytest.mark.parametrize('compile_dynamic,graphs', [(False, [1, 1, 0]), (True, [1, 0, 0])])
-def test_compile_dynamic_compiles_one_graph_for_all_sizes(monkeypatch, compile_dynamic, graphs):
+@pytest.mark.parametrize('dynamic,graphs', [(False, [1, 1, 0]), (True, [1, 0, 0])])
+def test_dynamic_compiles_one_graph_for_all_sizes(dynamic, graphs):
     """The backbone's own compiled path (traced here by aot_eager on the CPU): with
-    ``compile_dynamic`` the first call's graph serves later sizes; without it the first change
-    of size compiles again."""
+    ``dynamic`` the first call's graph serves later sizes; without it the first change of size
+    compiles again."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    monkeypatch.setattr(groupmamba_module, '_COMPILED_DEVICES', ('cpu', ))
-    monkeypatch.setattr(groupmamba_module, '_compiled', functools.lru_cache(
-        lambda fn, mode: torch.compile(fn, backend='aot_eager')))
-    model = GroupMamba(ARCH, torch_compile=True, compile_dynamic=compile_dynamic).eval()
+    model = GroupMamba(ARCH, torch_compile=dict(dynamic=dynamic, backend='aot_eager',
+                                                devices=('cpu', ))).eval()
     compiled = []
     for size in [(64, 96), (80, 112), (96, 80)]:
         before = counters['stats']['unique_graphs']

@@ -2,7 +2,6 @@
 ``dist_train.sh``), on the CPU with gloo: Dynamo compiles the backbone during DDP's forward, so
 its DDP optimizer splits the graph at the gradient buckets. Traced by aot_eager here (the CPU
 runs the backbone eagerly otherwise); the GPU compiles the same graphs with Inductor."""
-import functools
 import os
 import socket
 
@@ -13,7 +12,6 @@ from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel
 
 from mmgroupmamba.models import GroupMamba
-from mmgroupmamba.models import groupmamba as groupmamba_module
 
 # 0.57 M parameters (2.3 MB): three buckets of DDP's first-bucket size (1 MB).
 ARCH = dict(embed_dims=(32, 64, 96, 128), depths=(1, 2, 1, 1), stem_channels=16,
@@ -26,12 +24,9 @@ def _train(rank: int, port: int, compiled: bool, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=WORLD_SIZE)
     torch.set_num_threads(1)
-    if compiled:
-        groupmamba_module._COMPILED_DEVICES = ('cpu', )
-        groupmamba_module._compiled = functools.lru_cache(
-            lambda fn, mode: torch.compile(fn, backend='aot_eager'))
     torch.manual_seed(0)
-    model = GroupMamba(ARCH, torch_compile=compiled, compile_dynamic=compiled).train()
+    settings = dict(dynamic=True, backend='aot_eager', devices=('cpu', ))
+    model = GroupMamba(ARCH, torch_compile=settings if compiled else False).train()
     # Several buckets, so that the DDP optimizer splits the compiled graph.
     ddp = DistributedDataParallel(model, bucket_cap_mb=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -65,7 +60,7 @@ def _run(compiled: bool, out_dir: str):
 def test_compiled_backbone_trains_under_ddp_like_eager(tmp_path):
     eager = _run(False, str(tmp_path))
     compiled = _run(True, str(tmp_path))
-    # One graph for the three sizes (compile_dynamic), on each rank.
+    # One graph for the three sizes (dynamic), on each rank.
     assert [run['graphs'] for run in compiled] == [[1, 0, 0]] * WORLD_SIZE
     assert [run['graphs'] for run in eager] == [[0, 0, 0]] * WORLD_SIZE
     parameters = {name for name, _ in GroupMamba(ARCH).named_parameters()}
