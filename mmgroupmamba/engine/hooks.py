@@ -33,14 +33,15 @@ def set_rng_states(states):
     """Restore states from :func:`get_rng_states`."""
     random.setstate(states['python'])
     np.random.set_state(states['numpy'])
-    torch.set_rng_state(states['torch'])
+    # A checkpoint loaded with map_location='cuda' (as mmengine resumes) holds them on the GPU.
+    torch.set_rng_state(states['torch'].cpu())
     if 'cuda' in states and torch.cuda.is_available():
         if len(states['cuda']) != torch.cuda.device_count():
             print_log(f'The checkpoint holds the random states of {len(states["cuda"])} CUDA '
                       f'devices and this process sees {torch.cuda.device_count()}; CUDA random '
                       'streams are not restored.', logger='current', level=logging.WARNING)
         else:
-            torch.cuda.set_rng_state_all(states['cuda'])
+            torch.cuda.set_rng_state_all([state.cpu() for state in states['cuda']])
 
 
 class _RestoreBeforeFetch:

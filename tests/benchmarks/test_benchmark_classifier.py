@@ -23,13 +23,13 @@ def compiled(monkeypatch):
 def test_compiled_rows_compile_every_model_in_one_mode(compiled, compile_mode):
     groupmamba = benchmark_classifier.build_model('gm_t', compile_mode, 'cuda')
     assert isinstance(groupmamba, GroupMambaClassifier)
-    assert groupmamba.backbone.torch_compile == compile_mode
+    assert groupmamba.backbone.compile_settings['mode'] == compile_mode
     benchmark_classifier.build_model('swin_t', compile_mode, 'cuda')
     assert compiled == [compile_mode]
 
 
 def test_eager_rows_compile_nothing(compiled):
-    assert benchmark_classifier.build_model('gm_t', False, 'cuda').backbone.torch_compile is False
+    assert benchmark_classifier.build_model('gm_t', False, 'cuda').backbone.compile_settings is None
     benchmark_classifier.build_model('swin_t', False, 'cuda')
     # GroupMamba runs eagerly on the CPU whatever torch_compile says; so does its peer.
     benchmark_classifier.build_model('swin_t', 'default', 'cpu')

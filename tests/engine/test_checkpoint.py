@@ -3,6 +3,7 @@
 import os
 import pickle
 import re
+import uuid
 import shutil
 import socket
 import zipfile
@@ -53,7 +54,9 @@ def _runner(work_dir, max_iters, **kwargs):
         train_cfg=dict(by_epoch=False, max_iters=max_iters),
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False),
                            logger=dict(type='LoggerHook', interval=1)),
-        randomness=dict(seed=0), **kwargs)
+        randomness=dict(seed=0), **kwargs,
+        # Runners built within one second share mmengine's message hub unless named apart.
+        experiment_name=uuid.uuid4().hex)
 
 
 @pytest.fixture(scope='module')
@@ -62,7 +65,8 @@ def trained(tmp_path_factory):
     work_dir = tmp_path_factory.mktemp('train')
     runner = _runner(work_dir, max_iters=2)
     runner.train()
-    return work_dir / 'iter_2.pth', runner.model.state_dict()
+    # On the CPU, whichever device trained (the comparisons load checkpoints to the CPU).
+    return work_dir / 'iter_2.pth', {k: v.cpu() for k, v in runner.model.state_dict().items()}
 
 
 class _WritesMarker:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,9 @@ def _runner(work_dir, by_epoch=False, num_workers=0, length=8, resume=False, loa
                                            by_epoch=by_epoch),
                            logger=dict(type='LoggerHook', interval=1)),
         custom_hooks=[recorder, NonFiniteLossHook(patience=patience)],
-        randomness=dict(seed=0, deterministic=True), resume=resume, load_from=load_from)
+        randomness=dict(seed=0, deterministic=True), resume=resume, load_from=load_from,
+        # Runners built within one second share mmengine's message hub unless named apart.
+        experiment_name=uuid.uuid4().hex)
     return runner, recorder
 
 
