@@ -18,7 +18,9 @@ columns replay the Triton calls as captured CUDA graphs: kernel time alone.
 import torch
 import triton
 
-from mmgroupmamba.ops import torch_scan, triton_scan
+from mmgroupmamba.ops import torch_scan
+
+from mmgroupmamba.ops.triton import scan as triton_scan
 
 from common.kernels import (graph_ms, kernel_ms, scan_benchmark_parser, scan_inputs,
                             scan_io_bytes)

@@ -13,7 +13,7 @@ tiles per shape.
 import torch
 import triton
 
-from mmgroupmamba.ops.triton_scan_n1 import LaunchConfig
+from mmgroupmamba.ops.triton.scan_n1 import LaunchConfig
 
 from common.kernels import scan_benchmark_parser, sweep_scan_tiles
 

@@ -9,8 +9,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from mmgroupmamba.ops import triton_depthwise_conv, triton_scan, triton_scan_n1
-from mmgroupmamba.ops.triton_scan_n1 import LaunchConfig
+from mmgroupmamba.ops.triton import depthwise_conv as triton_depthwise_conv
+
+from mmgroupmamba.ops.triton import scan as triton_scan
+
+from mmgroupmamba.ops.triton import scan_n1 as triton_scan_n1
+from mmgroupmamba.ops.triton.scan_n1 import LaunchConfig
 
 # One channel group of GroupMamba-T's stages at 224x224 and batch 128 (dim 87 at L 4096: a long
 # sequence), the shapes of the scan benchmarks, ``batch x dim x L``.

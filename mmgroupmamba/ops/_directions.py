@@ -12,6 +12,10 @@ import torch
 
 SCAN_DIRECTIONS = ('left_right', 'top_bottom', 'right_left', 'bottom_top')
 
+# The Triton kernels take the groups' directions packed into one integer argument, two bits a
+# group: at most this many groups.
+MAX_KERNEL_GROUPS = 31
+
 
 def token_index(direction: int, t, H: int, W: int):
     """Row-major storage index of the token visited at scan step ``t``.

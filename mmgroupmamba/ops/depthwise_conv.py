@@ -4,9 +4,9 @@ mixers and FFNs.
 ``depthwise_conv2d(x, weight, bias)`` equals ``F.conv2d(x, weight, bias, padding=k // 2,
 groups=C)`` computed in float32 and returned in x's dtype, on NCHW or channels-last maps alike
 (the output keeps x's memory layout; float64 stays float64). CUDA tensors with 3 x 3 kernels go
-to the Triton kernels of :mod:`.triton_depthwise_conv` when Triton imports (cuDNN's depthwise
+to the Triton kernels of :mod:`.triton.depthwise_conv` when Triton imports (cuDNN's depthwise
 kernels are slow on channels-last low-precision maps, backward especially), everything else to
-PyTorch's convolution. Like the scan, it is a pair of custom operators with autograd and shape
+PyTorch's convolution; ``backend='torch'`` or ``'triton'`` asks for one. Like the scan, it is a pair of custom operators with autograd and shape
 functions, so ``torch.compile`` keeps it in its graphs, and eager calls skip the operator layer.
 """
 from typing import List, Optional
@@ -18,22 +18,29 @@ from ._tracing import traced
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     *, _backend: Optional[str] = None) -> torch.Tensor:
+                     *, backend: Optional[str] = None) -> torch.Tensor:
     """Args:
         x: ``(B, C, H, W)`` input, any memory layout.
         weight: ``(C, 1, k, k)`` with odd k (an ``nn.Conv2d(C, C, k, groups=C)``'s weight).
         bias: optional ``(C,)``.
-        _backend: ``'torch'`` forces PyTorch's convolution on any device (tests, benchmarks).
+        backend: None picks by device and case (see the module's docstring); ``'torch'``
+            runs PyTorch's convolution on any device; ``'triton'`` the Triton kernels, and
+            raises ``ValueError`` naming the reason where they cannot run.
 
     Returns:
         ``(B, C, H, W)`` in x's dtype and memory layout.
     """
     _check_inputs(x, weight, bias)
-    if _backend not in (None, 'torch'):
-        raise ValueError(f"_backend must be None or 'torch', got {_backend!r}")
+    if backend not in (None, 'torch', 'triton'):
+        raise ValueError(f"backend must be None (by device), 'torch' or 'triton', got {backend!r}")
+    if backend == 'triton':
+        reason = _triton_unavailable(x, weight)
+        if reason is not None:
+            raise ValueError(f"depthwise_conv2d(backend='triton') cannot run here: {reason}")
+    # The custom operators take the choice as a string: '' is automatic.
     if traced():
-        return _conv_fwd(x, weight, bias, _backend or '')
-    return _EagerDepthwiseConv.apply(x, weight, bias, _backend or '')
+        return _conv_fwd(x, weight, bias, backend or '')
+    return _EagerDepthwiseConv.apply(x, weight, bias, backend or '')
 
 
 class _EagerDepthwiseConv(torch.autograd.Function):
@@ -141,17 +148,29 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _triton_for(x: torch.Tensor, weight: torch.Tensor, backend: str):
-    """The Triton module for 3 x 3 kernels on CUDA maps of 16- and 32-bit floats when Triton
-    imports, else None (PyTorch's convolution)."""
-    if (x.device.type != 'cuda' or backend or x.dtype == torch.float64
-            or weight.shape[-1] != 3):
-        return None
+def _triton_unavailable(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot run this convolution, or None if they can: they take
+    3 x 3 kernels on CUDA maps of 16- and 32-bit floats."""
+    if x.device.type != 'cuda':
+        return f'x is on {x.device.type}; the Triton kernels run on CUDA'
+    if x.dtype == torch.float64:
+        return 'float64 maps; the kernels take 16- and 32-bit floats'
+    if weight.shape[-1] != 3:
+        return f'{weight.shape[-1]} x {weight.shape[-1]} kernels; the Triton kernels are 3 x 3'
     try:
-        from . import triton_depthwise_conv
-    except ImportError:
+        from .triton import depthwise_conv  # noqa: F401
+    except ImportError as error:
+        return f'Triton does not import ({error})'
+    return None
+
+
+def _triton_for(x: torch.Tensor, weight: torch.Tensor, backend: str):
+    """The Triton module where it applies and ``backend`` allows, else None (PyTorch's
+    convolution)."""
+    if backend == 'torch' or _triton_unavailable(x, weight) is not None:
         return None
-    return triton_depthwise_conv
+    from .triton import depthwise_conv
+    return depthwise_conv
 
 
 def _check_inputs(x, weight, bias):

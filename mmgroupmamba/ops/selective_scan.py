@@ -11,9 +11,10 @@ direction ``directions[g]`` over the ``H x W`` tokens (see :mod:`._directions`).
 
 Backend contract
 ----------------
-The op dispatches on ``u.device``: CUDA tensors go to ``mmgroupmamba.ops.triton_scan`` when both
-``triton`` and that module import and there are at most 31 groups (otherwise, and for every other
-device, to :mod:`mmgroupmamba.ops.torch_scan`). It is registered as two custom operators
+By default (``backend=None``) the op dispatches on ``u.device``: CUDA tensors go to
+:mod:`mmgroupmamba.ops.triton.scan` when Triton imports and there are at most
+``MAX_KERNEL_GROUPS`` (31) groups; otherwise, and on every other device, to
+:mod:`mmgroupmamba.ops.torch_scan`. ``backend='torch'`` or ``'triton'`` asks for one. It is registered as two custom operators
 (``torch.ops.mmgroupmamba.selective_scan_fwd``/``_bwd``) with autograd and shape functions, so
 ``torch.compile`` traces through it; eager calls reach the same backend code through a plain
 autograd Function, without the operator layer's host time (see :func:`._tracing.traced`). Each
@@ -41,7 +42,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import torch_scan
-from ._directions import SCAN_DIRECTIONS
+from ._directions import MAX_KERNEL_GROUPS, SCAN_DIRECTIONS
 from ._tracing import traced
 
 
@@ -57,7 +58,7 @@ def selective_scan(u: torch.Tensor,
                    spatial_shape: Optional[Tuple[int, int]] = None,
                    directions: Optional[Sequence[str]] = None,
                    out_dtype: Optional[torch.dtype] = None,
-                   _backend: Optional[str] = None) -> torch.Tensor:
+                   backend: Optional[str] = None) -> torch.Tensor:
     """Selective scan over ``L`` tokens, optionally in a different direction per channel group.
 
     Args:
@@ -72,7 +73,9 @@ def selective_scan(u: torch.Tensor,
         directions: ``groups`` names from :data:`SCAN_DIRECTIONS`; default: all ``'left_right'``.
             With 3-D B/C, ``groups = len(directions)``.
         out_dtype: dtype of ``y``; default ``u.dtype``.
-        _backend: ``'torch'`` forces the PyTorch path on any device (tests, benchmarks).
+        backend: None picks by device (see the module's docstring); ``'torch'`` runs the
+            PyTorch path on any device; ``'triton'`` the Triton kernels, and raises
+            ``ValueError`` naming the reason where they cannot run.
 
     Returns:
         ``(batch, dim, L)`` output in row-major token order, dtype ``out_dtype``.
@@ -84,8 +87,11 @@ def selective_scan(u: torch.Tensor,
     else:
         direction_ids = tuple(_direction_id(name) for name in directions)
     spatial_shape = _check_spatial_shape(spatial_shape, L)
-    if _backend not in (None, 'torch'):
-        raise ValueError(f"_backend must be None or 'torch', got {_backend!r}")
+    backend = _backend_name(backend)
+    if backend == 'triton':
+        reason = _triton_unavailable(u.device, groups)
+        if reason is not None:
+            raise ValueError(f"selective_scan(backend='triton') cannot run here: {reason}")
     if B.dim() == 3:
         # A view, not a copy: autograd sums the group gradients back into the shared B/C.
         B = B.unsqueeze(1).expand(-1, groups, -1, -1)
@@ -93,8 +99,8 @@ def selective_scan(u: torch.Tensor,
     out_dtype = u.dtype if out_dtype is None else out_dtype
     if traced():
         return _scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus),
-                         list(direction_ids), list(spatial_shape), out_dtype, _backend or '')[0]
-    config = (bool(delta_softplus), direction_ids, spatial_shape, _backend or '')
+                         list(direction_ids), list(spatial_shape), out_dtype, backend)[0]
+    config = (bool(delta_softplus), direction_ids, spatial_shape, backend)
     return _EagerScan.apply(u, delta, A, B, C, D, delta_bias, config, out_dtype)
 
 
@@ -217,16 +223,30 @@ def _scan_backward(ctx, grads):
 _scan_fwd.register_autograd(_scan_backward, setup_context=_setup_context)
 
 
-def _backend_for(device: torch.device, backend_name: str, groups: int):
-    # The Triton kernels take at most 31 groups (their directions are packed in one integer).
-    if device.type == 'cuda' and not backend_name and groups <= 31:
-        try:
-            import triton  # noqa: F401
+def _backend_name(backend: Optional[str]) -> str:
+    # The custom operators take the choice as a string: '' is automatic.
+    if backend not in (None, 'torch', 'triton'):
+        raise ValueError(f"backend must be None (by device), 'torch' or 'triton', got {backend!r}")
+    return backend or ''
 
-            from . import triton_scan
-            return triton_scan
-        except ImportError:
-            pass
+
+def _triton_unavailable(device: torch.device, groups: int) -> Optional[str]:
+    """Why the Triton kernels cannot run this scan, or None if they can."""
+    if device.type != 'cuda':
+        return f'the inputs are on {device.type}; the Triton kernels run on CUDA'
+    if groups > MAX_KERNEL_GROUPS:
+        return f'{groups} direction groups; the kernels take at most {MAX_KERNEL_GROUPS}'
+    try:
+        from .triton import scan  # noqa: F401
+    except ImportError as error:
+        return f'Triton does not import ({error})'
+    return None
+
+
+def _backend_for(device: torch.device, backend_name: str, groups: int):
+    if backend_name != 'torch' and _triton_unavailable(device, groups) is None:
+        from .triton import scan
+        return scan
     return torch_scan
 
 

@@ -7,8 +7,9 @@ from common.speed import kernel_kind
 def test_profile_kernel_kinds():
     """The profile's kernel groups: the project's own Triton kernels by their names, then
     Inductor's, library GEMMs and copies."""
-    triton_depthwise_conv = pytest.importorskip('mmgroupmamba.ops.triton_depthwise_conv')
-    from mmgroupmamba.ops import triton_scan, triton_scan_n1
+    triton_depthwise_conv = pytest.importorskip('mmgroupmamba.ops.triton.depthwise_conv')
+    from mmgroupmamba.ops.triton import scan as triton_scan
+    from mmgroupmamba.ops.triton import scan_n1 as triton_scan_n1
 
     for kernel in (triton_scan._scan_fwd_kernel, triton_scan_n1._scan_n1_bwd_kernel):
         assert kernel_kind(kernel.fn.__name__) == 'selective scan'

@@ -108,8 +108,10 @@ def test_bad_inputs_are_named():
         depthwise_conv2d(x[0], torch.randn(4, 1, 3, 3))
     with pytest.raises(TypeError, match='x must be a floating-point'):
         depthwise_conv2d(x.long(), torch.randn(4, 1, 3, 3))
-    with pytest.raises(ValueError, match='_backend'):
-        depthwise_conv2d(x, torch.randn(4, 1, 3, 3), _backend='cudnn')
+    with pytest.raises(ValueError, match="backend must be None .*'cudnn'"):
+        depthwise_conv2d(x, torch.randn(4, 1, 3, 3), backend='cudnn')
+    with pytest.raises(ValueError, match=r"backend='triton'.* on cpu; the Triton kernels run on"):
+        depthwise_conv2d(x, torch.randn(4, 1, 3, 3), backend='triton')
 
 
 INTERPRETER_CHECK = textwrap.dedent('''
@@ -117,7 +119,7 @@ INTERPRETER_CHECK = textwrap.dedent('''
     import torch
     sys.path.insert(0, 'tests/ops')
     from test_depthwise_conv import CASES, make_case, reference
-    from mmgroupmamba.ops import triton_depthwise_conv
+    from mmgroupmamba.ops.triton import depthwise_conv as triton_depthwise_conv
     torch.manual_seed(0)
     # Each number of rows per stencil program (the heuristic picks from them by the map's size).
     cases = [(case, rows) for case in CASES if case[4] == 3  # the kernels are written for 3 x 3
@@ -169,7 +171,7 @@ def test_triton_matches_torch_on_gpu(dtype, shape, channels_last):
     x, weight, bias = make_case(*shape, 3, channels_last, True, dtype=dtype, device='cuda')
     grad_y = torch.randn_like(x)
     triton_results = run_op(x, weight, bias, grad_y)
-    torch_results = run_op(x, weight, bias, grad_y, _backend='torch')
+    torch_results = run_op(x, weight, bias, grad_y, backend='torch')
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert triton_results[0].stride() == x.stride() and triton_results[1].stride() == x.stride()
     for a, b in zip(triton_results, torch_results):
@@ -184,7 +186,7 @@ def test_new_image_sizes_reuse_compiled_kernels(channels, channels_last):
     compile no kernel after the first size (which may find its kernels compiled by an earlier
     test): the sizes themselves are not specialised on. (The mixer's channel-major maps of
     87-channel groups, the FFN's channels-last ones.)"""
-    from mmgroupmamba.ops import triton_depthwise_conv
+    from mmgroupmamba.ops.triton import depthwise_conv as triton_depthwise_conv
     torch.manual_seed(0)
     counts = []
     for H, W in [(200, 304), (208, 336), (221, 1024), (400, 96), (333, 160)]:

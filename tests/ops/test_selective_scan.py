@@ -240,11 +240,14 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(fn, tuple(inputs[n] for n in NAMES))
 
 
-def test_torch_backend_can_be_forced():
+def test_backend_is_chosen_or_refused_with_the_reason():
     inputs = make_inputs(1, 2, 5, 1, groups=1)
-    torch.testing.assert_close(selective_scan(**inputs, _backend='torch'), selective_scan(**inputs))
-    with pytest.raises(ValueError, match='_backend'):
-        selective_scan(**inputs, _backend='cuda')
+    torch.testing.assert_close(selective_scan(**inputs, backend='torch'), selective_scan(**inputs))
+    with pytest.raises(ValueError, match="backend must be None .*'cuda'"):
+        selective_scan(**inputs, backend='cuda')
+    # CPU tensors: the Triton kernels cannot run, and the error says why.
+    with pytest.raises(ValueError, match=r"backend='triton'.* on cpu; the Triton kernels run on"):
+        selective_scan(**inputs, backend='triton')
 
 
 def test_non_contiguous_inputs():

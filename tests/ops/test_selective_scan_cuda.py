@@ -13,7 +13,9 @@ import torch
 
 triton = pytest.importorskip('triton')
 
-from mmgroupmamba.ops import selective_scan, torch_scan, triton_scan, triton_scan_n1  # noqa: E402
+from mmgroupmamba.ops import selective_scan, torch_scan  # noqa: E402
+from mmgroupmamba.ops.triton import scan as triton_scan  # noqa: E402
+from mmgroupmamba.ops.triton import scan_n1 as triton_scan_n1  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 
@@ -174,7 +176,9 @@ def test_detection_sizes_reuse_compiled_kernels():
 
 INTERPRETER_CHECK = textwrap.dedent('''
     import torch
-    from mmgroupmamba.ops import torch_scan, triton_scan, triton_scan_n1
+    from mmgroupmamba.ops import torch_scan
+    from mmgroupmamba.ops.triton import scan as triton_scan
+    from mmgroupmamba.ops.triton import scan_n1 as triton_scan_n1
     # Several chunks even for these short sequences; backward's chunk twice forward's. States
     # saved inside forward's chunks (state spacing 8, chunks 16), then once every few chunks
     # (spacing 32, chunks 8); then one-row programs of several chunks.

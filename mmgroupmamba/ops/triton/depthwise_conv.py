@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import compiled_binaries
+from .common import compiled_binaries
 
 # Elements per program tile (the weight gradient keeps ten float32 tiles of partial sums), and
 # rows per weight-gradient program.

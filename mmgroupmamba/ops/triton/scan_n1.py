@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (affine_combine, compiled_binaries, effective_delta, or_dummy,
+from .._directions import MAX_KERNEL_GROUPS
+from .common import (affine_combine, compiled_binaries, effective_delta, or_dummy,
                             token_index)
 
 # Forward saves the state every _STATE_T steps, so that backward may cut the sequence into
@@ -198,14 +199,10 @@ def compiled_kernel_count() -> int:
     return compiled_binaries(_scan_n1_fwd_kernel, _scan_n1_bwd_kernel)
 
 
-# The Triton kernels take the groups' directions packed into one integer argument.
-MAX_GROUPS = 31
-
-
 def direction_code(directions: Tuple[int, ...]) -> int:
     """The groups' direction indices, two bits each, as one kernel argument: no device tensor to
     copy per call or to cache (CUDA-graph capture rejects device tensors cached across calls)."""
-    assert len(directions) <= MAX_GROUPS, len(directions)
+    assert len(directions) <= MAX_KERNEL_GROUPS, len(directions)
     return sum(d << (2 * g) for g, d in enumerate(directions))
 
 

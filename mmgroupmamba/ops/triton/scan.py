@@ -1,7 +1,7 @@
 """Triton backend of the selective scan (the path CUDA tensors take).
 
 One state per channel (``N == 1``, all of GroupMamba) takes the 2-D kernels of
-:mod:`.triton_scan_n1`; this module holds the general-``N`` kernels and the dispatch.
+:mod:`.scan_n1`; this module holds the general-``N`` kernels and the dispatch.
 
 General ``N``: one program owns ``BLOCK_D`` channels of one channel group of one image and walks the whole
 sequence in chunks of ``BLOCK_L`` scan steps: inside a chunk the recurrence
@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_scan_n1
-from .triton_scan_n1 import direction_code
-from .triton_common import (affine_combine, compiled_binaries, effective_delta, or_dummy,
+from . import scan_n1
+from .scan_n1 import direction_code
+from .common import (affine_combine, compiled_binaries, effective_delta, or_dummy,
                             token_index)
 
 # Elements (channels x states x steps) of one program's tile, per kernel: enough independent loads
@@ -54,8 +54,8 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, s
     groups, N = B.shape[1], B.shape[2]
     if N == 1:
         u, delta, A, B, C = _n1_inputs(u, delta, A, B, C)
-        fwd_cfg, _ = triton_scan_n1.plan(batch, dim // groups, groups, L)
-        y, states = triton_scan_n1.forward(u, delta, A, B, C, D, delta_bias, delta_softplus,
+        fwd_cfg, _ = scan_n1.plan(batch, dim // groups, groups, L)
+        y, states = scan_n1.forward(u, delta, A, B, C, D, delta_bias, delta_softplus,
                                            directions, _spatial(spatial_shape, L), out_dtype,
                                            fwd_cfg, empty=_empty)
         return y, (states, )
@@ -76,7 +76,7 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, s
 def saved_shapes(batch, dim, groups, N, L):
     """Shape of ``states``, written so that symbolic sizes pass through (see ``_Tile``)."""
     if N == 1:
-        return (triton_scan_n1.states_shape(batch, dim, L), )
+        return (scan_n1.states_shape(batch, dim, L), )
     chunk = max(16, _MAX_CHUNK // triton.next_power_of_2(N))
     return ((batch, dim, -(-L // chunk), N), )
 
@@ -92,8 +92,8 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
     (states, ) = saved
     if N == 1:
         u, delta, A, B, C = _n1_inputs(u, delta, A, B, C)
-        _, bwd_cfg = triton_scan_n1.plan(batch, dim // groups, groups, L)
-        grads = triton_scan_n1.backward(u, delta, A, B, C, D, delta_bias, delta_softplus,
+        _, bwd_cfg = scan_n1.plan(batch, dim // groups, groups, L)
+        grads = scan_n1.backward(u, delta, A, B, C, D, delta_bias, delta_softplus,
                                         directions, _spatial(spatial_shape, L), dy.contiguous(),
                                         states, bwd_cfg, empty=_empty)
         inputs = (u, delta, A, B, C, D, delta_bias)
@@ -130,7 +130,7 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
 
 def compiled_kernel_count() -> int:
     """Number of kernel binaries compiled so far in this process (forward and backward)."""
-    return (triton_scan_n1.compiled_kernel_count()
+    return (scan_n1.compiled_kernel_count()
             + compiled_binaries(_scan_fwd_kernel, _scan_bwd_kernel))
 
 
@@ -166,7 +166,7 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def _n1_inputs(u, delta, A, B, C):
     # B/C keep a broadcast group axis (stride 0) instead of being copied once per group.
-    B, C = (x if triton_scan_n1.bc_strides_ok(x) else x.contiguous() for x in (B, C))
+    B, C = (x if scan_n1.bc_strides_ok(x) else x.contiguous() for x in (B, C))
     return u.contiguous(), delta.contiguous(), A.contiguous(), B, C
 
 
