@@ -1,10 +1,12 @@
 """Pieces shared by the Triton kernels (selective scan for general N and N = 1, depthwise
 convolution)."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .._directions import MAX_KERNEL_GROUPS
 
 
 def compiled_binaries(*kernels) -> int:
@@ -12,6 +14,49 @@ def compiled_binaries(*kernels) -> int:
     ``kernels`` (one per distinct set of compile-time parameters and argument specialisations)."""
     return sum(len(cache[0]) for kernel in kernels
                for cache in getattr(kernel, 'device_caches', {}).values())
+
+
+def direction_code(directions: Tuple[int, ...]) -> int:
+    """The groups' direction indices, two bits each, as one kernel argument: no device tensor to
+    copy per call or to cache (CUDA-graph capture rejects device tensors cached across calls)."""
+    assert len(directions) <= MAX_KERNEL_GROUPS, len(directions)
+    return sum(d << (2 * g) for g, d in enumerate(directions))
+
+
+@triton.jit
+def group_direction(dir_code, g, ROW_MAJOR: tl.constexpr):
+    """Group ``g``'s direction index from :func:`direction_code`'s integer (0 when every group
+    scans row-major, without decoding)."""
+    direction = 0
+    if not ROW_MAJOR:
+        direction = ((dir_code.to(tl.int64) >> (2 * g)) & 3).to(tl.int32)
+    return direction
+
+
+@triton.jit
+def program_channels(groups, dim_per_group, n_dblocks, BLOCK_D: tl.constexpr):
+    """The scans' launch grid is one program per block of ``BLOCK_D`` channels of one group of
+    one image: this program's image ``b``, group ``g``, channel block, channels and their mask."""
+    pid = tl.program_id(0)
+    d_block = pid % n_dblocks
+    g = (pid // n_dblocks) % groups
+    b = pid // (n_dblocks * groups)
+    offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < dim_per_group
+    return b, g, d_block, g * dim_per_group + offs_d, d_mask
+
+
+@triton.jit
+def skip_and_bias(chan, d_mask, D_ptr, bias_ptr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """The channels' D and delta_bias in float32 (zeros where absent)."""
+    D = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+    return D, bias
 
 
 def or_dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,8 @@ import triton
 import triton.language as tl
 
 from . import scan_n1
-from .scan_n1 import direction_code
-from .common import (affine_combine, compiled_binaries, effective_delta, or_dummy,
-                            token_index)
+from .common import (affine_combine, compiled_binaries, direction_code, effective_delta,
+                     group_direction, or_dummy, program_channels, skip_and_bias, token_index)
 
 # Elements (channels x states x steps) of one program's tile, per kernel: enough independent loads
 # in flight to stream at memory speed, few enough registers for backward's dozen live tiles.
@@ -184,23 +183,12 @@ def _row_major(directions) -> bool:
 def _program_coords(dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, bias_ptr,
                     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Which channels/group/image this program owns, their parameters, and their row offsets."""
-    pid = tl.program_id(0)
-    d_block = pid % n_dblocks
-    g = (pid // n_dblocks) % groups
-    b = pid // (n_dblocks * groups)
-    offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs_d < dim_per_group
-    chan = g * dim_per_group + offs_d
+    b, g, d_block, chan, d_mask = program_channels(groups, dim_per_group, n_dblocks, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     dn_mask = d_mask[:, None] & n_mask[None, :]
     A = tl.load(A_ptr + chan[:, None] * N + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    D = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+    D, bias = skip_and_bias(chan, d_mask, D_ptr, bias_ptr, HAS_D, HAS_BIAS, BLOCK_D)
     # int64 row starts: batch * dim * L passes 2**31 on large detection batches.
     row = (b * dim + chan).to(tl.int64) * L
     bc_row = ((b * groups + g) * N + offs_n).to(tl.int64) * L
@@ -219,9 +207,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir
     b, g, d_block, chan, d_mask, offs_n, n_mask, dn_mask, A, D, bias, row, bc_row = _program_coords(
         dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, bias_ptr,
         HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
-    direction = 0
-    if not ROW_MAJOR:
-        direction = ((dir_code.to(tl.int64) >> (2 * g)) & 3).to(tl.int32)
+    direction = group_direction(dir_code, g, ROW_MAJOR)
     lane = tl.arange(0, BLOCK_L)
     n_chunks = tl.cdiv(L, BLOCK_L)
     state_rows = ((b * dim + chan)[:, None].to(tl.int64) * n_chunks) * N + offs_n[None, :]
@@ -264,9 +250,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir
     b, g, d_block, chan, d_mask, offs_n, n_mask, dn_mask, A, D, bias, row, bc_row = _program_coords(
         dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, bias_ptr,
         HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
-    direction = 0
-    if not ROW_MAJOR:
-        direction = ((dir_code.to(tl.int64) >> (2 * g)) & 3).to(tl.int32)
+    direction = group_direction(dir_code, g, ROW_MAJOR)
     lane = tl.arange(0, BLOCK_L)
     state_rows = ((b * dim + chan)[:, None].to(tl.int64) * n_chunks) * N + offs_n[None, :]
     # This program's slice of the per-channel-block dB / dC partials.

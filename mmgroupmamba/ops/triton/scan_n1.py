@@ -27,9 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._directions import MAX_KERNEL_GROUPS
-from .common import (affine_combine, compiled_binaries, effective_delta, or_dummy,
-                            token_index)
+from .common import (affine_combine, compiled_binaries, direction_code, effective_delta,
+                     group_direction, or_dummy, program_channels, skip_and_bias, token_index)
 
 # Forward saves the state every _STATE_T steps, so that backward may cut the sequence into
 # chunks of any multiple of it, whatever forward's chunk length (a few bytes per row: 0.3% of
@@ -199,13 +198,6 @@ def compiled_kernel_count() -> int:
     return compiled_binaries(_scan_n1_fwd_kernel, _scan_n1_bwd_kernel)
 
 
-def direction_code(directions: Tuple[int, ...]) -> int:
-    """The groups' direction indices, two bits each, as one kernel argument: no device tensor to
-    copy per call or to cache (CUDA-graph capture rejects device tensors cached across calls)."""
-    assert len(directions) <= MAX_KERNEL_GROUPS, len(directions)
-    return sum(d << (2 * g) for g, d in enumerate(directions))
-
-
 def _bc_strides(x: torch.Tensor, L: int):
     # In units of L: with L % VEC == 0 known to the compiler, B/C rows are provably aligned.
     return x.stride(0) // L, x.stride(1) // L
@@ -215,20 +207,9 @@ def _bc_strides(x: torch.Tensor, L: int):
 def _program_coords(dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr,
                     bias_ptr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Group, channels, their parameters, and the int64 row offsets of this program."""
-    pid = tl.program_id(0)
-    d_block = pid % n_dblocks
-    g = (pid // n_dblocks) % groups
-    b = pid // (n_dblocks * groups)
-    offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs_d < dim_per_group
-    chan = g * dim_per_group + offs_d
+    b, g, _, chan, d_mask = program_channels(groups, dim_per_group, n_dblocks, BLOCK_D)
     A = tl.load(A_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
-    D = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+    D, bias = skip_and_bias(chan, d_mask, D_ptr, bias_ptr, HAS_D, HAS_BIAS, BLOCK_D)
     # int64: batch * dim * L passes 2**31 on large detection batches.
     rows = (b * dim + chan).to(tl.int64)
     bc_row = (b.to(tl.int64) * bc_stride_b + g * bc_stride_g) * L
@@ -248,9 +229,7 @@ def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
     g, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
         dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr,
         HAS_D, HAS_BIAS, BLOCK_D)
-    direction = 0
-    if not ROW_MAJOR:
-        direction = ((dir_code.to(tl.int64) >> (2 * g)) & 3).to(tl.int32)
+    direction = group_direction(dir_code, g, ROW_MAJOR)
     row = rows * L
     state_row = rows * n_states
     lane = tl.arange(0, BLOCK_T)
@@ -342,9 +321,7 @@ def _scan_n1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
     g, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
         dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr,
         HAS_D, HAS_BIAS, BLOCK_D)
-    direction = 0
-    if not ROW_MAJOR:
-        direction = ((dir_code.to(tl.int64) >> (2 * g)) & 3).to(tl.int32)
+    direction = group_direction(dir_code, g, ROW_MAJOR)
     row = rows * L
     lane = tl.arange(0, BLOCK_T)
     # dB / dC of this image and group, contiguous (batch, groups, 1, L) each.
