@@ -11,10 +11,9 @@ import os
 
 from mmengine.config import DictAction
 
-from mmgroupmamba.engine.runner import (REFUSALS, build_runner, check_checkpoint_fits,
-                                        configure_test, discard_refused_run,
+from mmgroupmamba.engine.runner import (build_runner, check_checkpoint_fits, configure_test,
                                         end_cpu_distributed_process, load_config,
-                                        work_dir_entries)
+                                        refusals_leave_nothing)
 
 
 def parse_args():
@@ -52,17 +51,9 @@ def main():
                        show_dir=args.show_dir, wait_time=args.wait_time, tta=args.tta)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
-    existed = work_dir_entries(cfg)
-    try:
+    with refusals_leave_nothing(cfg):
         runner = build_runner(cfg)
-    except Exception:
-        discard_refused_run(cfg.work_dir, existed)
-        raise
-    try:
         check_checkpoint_fits(runner.model, args.checkpoint)
-    except REFUSALS as error:
-        discard_refused_run(cfg.work_dir, existed)
-        raise SystemExit(f'error: {error}')
     try:
         runner.test()
     except FloatingPointError as error:  # non-finite outputs: no metric to report

@@ -10,9 +10,9 @@ import os
 
 from mmengine.config import DictAction
 
-from mmgroupmamba.engine.runner import (REFUSALS, build_runner, configure_train,
-                                        discard_refused_run, end_cpu_distributed_process,
-                                        load_config, work_dir_entries)
+from mmgroupmamba.engine.runner import (build_runner, configure_train,
+                                        end_cpu_distributed_process, load_config,
+                                        refusals_leave_nothing)
 
 
 def parse_args():
@@ -46,20 +46,13 @@ def main():
         configure_train(cfg, resume=args.resume, amp=args.amp, auto_scale_lr=args.auto_scale_lr)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
-    existed = work_dir_entries(cfg)
-    try:
+    # Refusals come while the weights load, before the first iteration: nothing worth keeping.
+    with refusals_leave_nothing(cfg):
         runner = build_runner(cfg)
-    except Exception:
-        discard_refused_run(cfg.work_dir, existed)
-        raise
-    try:
-        runner.train()
-    except REFUSALS as error:
-        # Raised while loading weights, before the first iteration: nothing worth keeping.
-        discard_refused_run(cfg.work_dir, existed)
-        raise SystemExit(f'error: {error}')
-    except FloatingPointError as error:
-        raise SystemExit(f'error: {error}')
+        try:
+            runner.train()
+        except FloatingPointError as error:  # a non-finite loss (NonFiniteLossHook)
+            raise SystemExit(f'error: {error}')
     end_cpu_distributed_process()
 
 

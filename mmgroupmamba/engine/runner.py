@@ -6,8 +6,9 @@ The flow is ``load_config`` -> ``configure_train`` / ``configure_test`` -> ``bui
 Everything that can be checked from the command line alone (files exist, the config has what an
 option needs) is checked before the Runner is built, so a bad invocation writes nothing; a run
 refused once the Runner exists (a checkpoint that is untrusted, corrupt, cannot be downloaded or
-does not fit the model) is undone by :func:`discard_refused_run`.
+does not fit the model) is undone by :func:`refusals_leave_nothing`.
 """
+import contextlib
 import datetime
 import importlib
 import logging
@@ -31,7 +32,7 @@ from .checkpoint import CheckpointDownloadError, CorruptCheckpointError, Untrust
 from .durable_runner import DurableRunner
 
 __all__ = ['SCOPES', 'REFUSALS', 'load_config', 'configure_train', 'configure_test',
-           'build_runner', 'check_checkpoint_fits', 'discard_refused_run', 'work_dir_entries',
+           'build_runner', 'refusals_leave_nothing', 'check_checkpoint_fits',
            'end_cpu_distributed_process']
 
 # The errors by which a run is refused before it starts: the checkpoint or the weights it
@@ -161,8 +162,18 @@ def build_runner(cfg):
     one, else :class:`DurableRunner` (atomic checkpoints, exact resume).
 
     Without CUDA, a distributed launch runs on CPU processes: the gloo backend, and
-    DistributedDataParallel without device ids.
+    DistributedDataParallel without device ids. A Runner that fails to build (a config it
+    cannot use) leaves nothing in the work dir.
     """
+    existed = _work_dir_entries(cfg)
+    try:
+        return _build_runner(cfg)
+    except Exception:
+        _discard(cfg.work_dir, existed)
+        raise
+
+
+def _build_runner(cfg):
     scope = cfg.get('default_scope')
     if scope is not None:
         module = importlib.import_module(SCOPES[scope])
@@ -212,15 +223,23 @@ def check_checkpoint_fits(model, checkpoint):
             'e.g. ' + ', '.join(missing[:5]))
 
 
-def discard_refused_run(work_dir, existed):
-    """Remove what a run refused before it started wrote to ``work_dir`` (its timestamped log
-    folder, a config dump, the work dir itself if the run created it).
+@contextlib.contextmanager
+def refusals_leave_nothing(cfg):
+    """Wrap a run (building its Runner included): a refusal (:data:`REFUSALS`: the checkpoint
+    or the weights it brings cannot be used) removes what the run wrote to ``cfg.work_dir`` and
+    ends the process with the error's message (exit status 1)."""
+    existed = _work_dir_entries(cfg)
+    try:
+        yield
+    except REFUSALS as error:
+        _discard(cfg.work_dir, existed)
+        raise SystemExit(f'error: {error}') from None
 
-    Args:
-        work_dir (str): the run's work dir.
-        existed (set or None): the work dir's entries before the Runner was built, from
-            :func:`work_dir_entries` (None: it did not exist).
-    """
+
+def _discard(work_dir, existed):
+    """Remove what a run wrote to ``work_dir`` (its timestamped log folder, a config dump, the
+    work dir itself if the run created it); ``existed``: the entries before it (None: the work
+    dir did not exist)."""
     if not is_main_process() or not osp.isdir(work_dir):
         return
     if existed is None:
@@ -234,9 +253,7 @@ def discard_refused_run(work_dir, existed):
             os.remove(path)
 
 
-def work_dir_entries(cfg):
-    """The entries of ``cfg.work_dir`` now (None if it does not exist), for
-    :func:`discard_refused_run`."""
+def _work_dir_entries(cfg):
     return set(os.listdir(cfg.work_dir)) if osp.isdir(cfg.work_dir) else None
 
 
