@@ -178,7 +178,8 @@ def load_checkpoint_url(url, map_location=None, model_dir=None, progress=False):
     """Download a checkpoint into the hub cache (once) and load it as
     :func:`load_checkpoint_file` does.
 
-    In a distributed run, local rank 0 downloads first and the other ranks read its copy.
+    In a distributed run, rank 0 downloads first; the other ranks then read its copy (or, on
+    other hosts, download their own).
     A cached file that turns out corrupt is downloaded again once; a refused, corrupt or
     partial download is removed from the cache.
 
