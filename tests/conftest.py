@@ -53,11 +53,15 @@ def http_folder(tmp_path, monkeypatch):
     served.close()
 
 
-class RunsCode:
-    """Unpickling this runs ``touch marker``: a stand-in for a malicious checkpoint's payload."""
+class WritesMarker:
+    """A stand-in for a malicious checkpoint's payload: unpickling it would create ``marker``,
+    through ``os.system`` (a module torch blocks) or, with ``use_system=False``, ``open``
+    (a builtin it does not)."""
 
-    def __init__(self, marker):
-        self.marker = str(marker)
+    def __init__(self, marker, use_system=True):
+        self.marker, self.use_system = str(marker), use_system
 
     def __reduce__(self):
-        return os.system, (f'touch {self.marker}',)
+        if self.use_system:
+            return os.system, (f'touch {self.marker}',)
+        return open, (self.marker, 'w')

@@ -17,6 +17,7 @@ from mmengine.runner import checkpoint as mmengine_checkpoint
 from torch.utils.data import Dataset
 
 import mmgroupmamba  # noqa: F401  (installs the safe loaders)
+from conftest import WritesMarker
 from mmgroupmamba.engine import (CheckpointDownloadError, CorruptCheckpointError,
                                  UntrustedCheckpointError, load_checkpoint_file,
                                  save_checkpoint_atomic)
@@ -69,18 +70,6 @@ def trained(tmp_path_factory):
     return work_dir / 'iter_2.pth', {k: v.cpu() for k, v in runner.model.state_dict().items()}
 
 
-class _WritesMarker:
-    """Unpickling this would run ``os.system`` (module blocked by torch) or ``open`` (not)."""
-
-    def __init__(self, marker, use_system):
-        self.marker, self.use_system = str(marker), use_system
-
-    def __reduce__(self):
-        if self.use_system:
-            return os.system, (f'touch {self.marker}',)
-        return open, (self.marker, 'w')
-
-
 def test_training_checkpoint_needs_more_than_torch_defaults(trained):
     path, _ = trained
     # The premise: torch's own weights-only loading refuses it; otherwise this module is moot.
@@ -130,7 +119,7 @@ def test_runner_resume_continues(trained, tmp_path):
 def test_malicious_checkpoint_refused(tmp_path, use_system, zip_format):
     marker = tmp_path / 'marker'
     path = tmp_path / 'evil.pth'
-    torch.save({'state_dict': {'w': torch.zeros(1)}, 'meta': _WritesMarker(marker, use_system)},
+    torch.save({'state_dict': {'w': torch.zeros(1)}, 'meta': WritesMarker(marker, use_system)},
                path, _use_new_zipfile_serialization=zip_format)
     expected = 'posix.system' if use_system else 'open'
     with pytest.raises(UntrustedCheckpointError, match=rf'{re.escape(str(path))}.*{expected}.*untrusted'):
@@ -234,7 +223,7 @@ def test_save_checkpoint_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch)
 def _serve_malicious(server, tmp_path, name='evil.pth'):
     marker = tmp_path / f'{name}.marker'
     torch.save({'state_dict': {'linear.weight': torch.zeros(1, 2)},
-                'meta': _WritesMarker(marker, use_system=True)}, server.root / name)
+                'meta': WritesMarker(marker, use_system=True)}, server.root / name)
     return f'{server.url}/{name}', marker
 
 
@@ -313,7 +302,7 @@ def test_scheme_registered_later_runs_under_the_guard(tmp_path):
     """A third-party loader that asks torch.load for weights_only=False is overruled."""
     marker = tmp_path / 'marker'
     path = tmp_path / 'evil.pth'
-    torch.save({'meta': _WritesMarker(marker, use_system=False)}, path)
+    torch.save({'meta': WritesMarker(marker, use_system=False)}, path)
 
     def load_from_thirdparty(filename, map_location=None):
         return torch.load(filename.split('://', 1)[1], map_location, weights_only=False)

@@ -261,10 +261,10 @@ def test_resumed_run_repeats_the_uninterrupted_one(trained, tmp_path):
 def test_init_model_refuses_malicious_url(trained, http_folder, tmp_path):
     import torch
     from mmseg.apis import init_model
-    from conftest import RunsCode
+    from conftest import WritesMarker
     from mmgroupmamba.engine import UntrustedCheckpointError
     marker = tmp_path / 'marker'
-    torch.save({'state_dict': {}, 'meta': RunsCode(marker)}, http_folder.root / 'evil.pth')
+    torch.save({'state_dict': {}, 'meta': WritesMarker(marker)}, http_folder.root / 'evil.pth')
     url = f'{http_folder.url}/evil.pth'
     with pytest.raises(UntrustedCheckpointError, match=re.escape(url)):
         init_model(trained['config'], url, device='cpu')

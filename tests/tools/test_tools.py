@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RunsCode
+from conftest import WritesMarker
 from mmgroupmamba.engine import load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,7 +176,7 @@ def _own_experiment(tmp_path):
 def test_test_refuses_malicious_url_and_leaves_no_work_dir(trained, http_folder, tmp_path):
     config, _ = trained
     marker = tmp_path / 'marker'
-    torch.save({'state_dict': {}, 'meta': RunsCode(marker)}, http_folder.root / 'evil.pth')
+    torch.save({'state_dict': {}, 'meta': WritesMarker(marker)}, http_folder.root / 'evil.pth')
     code = _tool_exit('test.py', str(config), f'{http_folder.url}/evil.pth', '--work-dir',
                       str(tmp_path / 'work'), *_own_experiment(tmp_path))
     assert 'posix.system' in str(code)
@@ -212,7 +212,7 @@ def test_train_refuses_untrusted_resume_and_keeps_work_dir_as_it_was(trained, tm
     run_dir = tmp_path / 'work'
     shutil.copytree(work_dir, run_dir)
     before = sorted(os.listdir(run_dir))
-    torch.save({'meta': RunsCode(tmp_path / 'marker')}, tmp_path / 'evil.pth')
+    torch.save({'meta': WritesMarker(tmp_path / 'marker')}, tmp_path / 'evil.pth')
     code = _tool_exit('train.py', str(config), '--resume', str(tmp_path / 'evil.pth'),
                       '--work-dir', str(run_dir), *_own_experiment(tmp_path))
     assert 'Refusing to load checkpoint' in str(code)
