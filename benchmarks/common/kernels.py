@@ -10,9 +10,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from mmgroupmamba.ops.triton import depthwise_conv as triton_depthwise_conv
-
 from mmgroupmamba.ops.triton import scan as triton_scan
-
 from mmgroupmamba.ops.triton import scan_n1 as triton_scan_n1
 from mmgroupmamba.ops.triton.scan_n1 import LaunchConfig
 
@@ -133,7 +131,7 @@ def sweep_scan_tiles(batch: int, dim: int, L: int, dtype: torch.dtype = torch.fl
     }
     lengths = {'forward': list(block_ts or chunk_lengths(L))}
     lengths['backward'] = [t for t in lengths['forward']
-                           if t % triton_scan_n1._STATE_T == 0 or t >= L]
+                           if t % triton_scan_n1.STATE_STEPS == 0 or t >= L]
     for name in passes:
         tiles = [cfg for block_t in lengths[name]
                  for cfg in candidate_tiles(dim, block_t, block_ds, warps, max_tile)]

@@ -86,7 +86,7 @@ class GroupedSS2D(nn.Module):
     """Four visual selective-scan (SS2D) mixers side by side, one per quarter of the channels,
     group ``g`` scanning the image in direction ``SCAN_DIRECTIONS[g]``.
 
-    Per group (``d = C / 4`` channels, state size ``N``, ``R = ceil(d / 16)``)::
+    Per group (``d = C / 4`` channels, one state per channel (``N = 1``), ``R = ceil(d / 16)``)::
 
         u, z = in_proj(x)                      # d each
         u = SiLU(depthwise 3x3 conv(u))
@@ -99,22 +99,19 @@ class GroupedSS2D(nn.Module):
 
     Args:
         embed_dims (int): C, the channels of all groups together.
-        d_state (int): N.
-        d_conv (int): kernel size of the depthwise convolution.
     """
 
     groups = len(SCAN_DIRECTIONS)
+    d_state = 1
 
-    def __init__(self, embed_dims: int, d_state: int = 1, d_conv: int = 3):
+    def __init__(self, embed_dims: int):
         super().__init__()
         self.embed_dims = embed_dims
         self.group_dims = d = embed_dims // self.groups
-        self.d_state = d_state
         self.dt_rank = math.ceil(d / 16)
-        G, N, R = self.groups, d_state, self.dt_rank
+        G, N, R = self.groups, self.d_state, self.dt_rank
         self.in_proj_weight = nn.Parameter(torch.empty(G, 2 * d, d))
-        self.conv = nn.Conv2d(embed_dims, embed_dims, d_conv, padding=(d_conv - 1) // 2,
-                              groups=embed_dims)
+        self.conv = nn.Conv2d(embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
         self.x_proj_weight = nn.Parameter(torch.empty(G, R + 2 * N, d))
         self.dt_proj_weight = nn.Parameter(torch.empty(G, d, R))
         self.dt_bias = nn.Parameter(torch.empty(G * d))
@@ -183,10 +180,12 @@ def _scan(u, delta, A, B, C, D, delta_bias, spatial_shape):
 class ChannelAffinity(nn.Module):
     """Squeeze-excitation style channel weights from channel means: (B, C) -> (B, C) in (0, 1)."""
 
-    def __init__(self, embed_dims: int, reduction: int = 16):
+    reduction = 16
+
+    def __init__(self, embed_dims: int):
         super().__init__()
-        self.reduce = nn.Linear(embed_dims, embed_dims // reduction)
-        self.expand = nn.Linear(embed_dims // reduction, embed_dims)
+        self.reduce = nn.Linear(embed_dims, embed_dims // self.reduction)
+        self.expand = nn.Linear(embed_dims // self.reduction, embed_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.expand(F.relu(self.reduce(x))))
@@ -196,24 +195,25 @@ class GroupMambaLayer(nn.Module):
     """The token mixer of a block: (B, H, W, C) -> (B, H, W, C).
 
     One LayerNorm normalises both the input and the modulated mixer output. The scan output is
-    multiplied (not added) by ``skip_scale * LN(x)``, as in the official model.
+    multiplied (not added) by ``skip_scale * LN(x)``, as in the official model. Without CAM
+    (``with_cam=False``, the paper's ablation) the groups' outputs go unmodulated.
     """
 
-    def __init__(self, embed_dims: int):
+    def __init__(self, embed_dims: int, with_cam: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(embed_dims, eps=_INNER_NORM_EPS)
-        self.channel_affinity = ChannelAffinity(embed_dims)
+        self.channel_affinity = ChannelAffinity(embed_dims) if with_cam else None
         self.ssm = GroupedSS2D(embed_dims)
         self.skip_scale = nn.Parameter(torch.ones(1))
         self.proj = nn.Linear(embed_dims, embed_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
-        affinity = self.channel_affinity(x.mean(dim=(1, 2)))
         # x first: the product takes x's (channels-last) layout, not the mixer output's
         # channel-major one, so the LayerNorm below reads it without a copy.
         y = x * self.skip_scale * self.ssm(x)
-        y = y * affinity[:, None, None, :]
+        if self.channel_affinity is not None:
+            y = y * self.channel_affinity(x.mean(dim=(1, 2)))[:, None, None, :]
         return self.proj(self.norm(y))
 
 
@@ -239,9 +239,10 @@ class FFN(nn.Module):
 class GroupMambaBlock(nn.Module):
     """x + DropPath(GroupMambaLayer(x)); x + DropPath(FFN(LN(x))) on (B, H, W, C) tokens."""
 
-    def __init__(self, embed_dims: int, mlp_ratio: float, drop_path: float = 0.):
+    def __init__(self, embed_dims: int, mlp_ratio: float, drop_path: float = 0.,
+                 with_cam: bool = True):
         super().__init__()
-        self.mixer = GroupMambaLayer(embed_dims)
+        self.mixer = GroupMambaLayer(embed_dims, with_cam)
         self.norm = nn.LayerNorm(embed_dims, eps=_NORM_EPS)
         self.ffn = FFN(embed_dims, int(embed_dims * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -255,9 +256,9 @@ class ClassBlock(nn.Module):
     """Post-network of the classifier on the class token (the mean of the last stage's tokens):
     (B, C) -> (B, C). The mixer sees a 1x1 map; its output is normalised before the residual."""
 
-    def __init__(self, embed_dims: int, mlp_ratio: float):
+    def __init__(self, embed_dims: int, mlp_ratio: float, with_cam: bool = True):
         super().__init__()
-        self.mixer = GroupMambaLayer(embed_dims)
+        self.mixer = GroupMambaLayer(embed_dims, with_cam)
         self.mixer_out_norm = nn.LayerNorm(embed_dims, eps=_NORM_EPS)
         self.ffn_norm = nn.LayerNorm(embed_dims, eps=_NORM_EPS)
         self.ffn = FFN(embed_dims, int(embed_dims * mlp_ratio), with_dwconv=False)
@@ -317,11 +318,12 @@ class GroupMambaStage(nn.Module):
     before ``self.norm`` (the caller applies it: the classifier needs the last stage without)."""
 
     def __init__(self, in_channels: Optional[int], embed_dims: int, mlp_ratio: float,
-                 drop_path_rates: Sequence[float], with_cp: bool = False):
+                 drop_path_rates: Sequence[float], with_cp: bool = False,
+                 with_cam: bool = True):
         super().__init__()
         self.downsample = Downsample(in_channels, embed_dims) if in_channels else None
         self.blocks = nn.ModuleList(
-            GroupMambaBlock(embed_dims, mlp_ratio, rate) for rate in drop_path_rates)
+            GroupMambaBlock(embed_dims, mlp_ratio, rate, with_cam) for rate in drop_path_rates)
         self.norm = nn.LayerNorm(embed_dims, eps=_NORM_EPS)
         self.with_cp = with_cp
 
@@ -355,6 +357,8 @@ class GroupMamba(BaseModule):
         frozen_stages (int): -1 freezes nothing, 0 the stem, k the stem and stages 0..k-1.
         norm_eval (bool): keep the stem's BatchNorms in eval mode while training.
         with_cp (bool): gradient checkpointing per block.
+        with_cam (bool): channel affinity modulation in every layer; ``False`` is the paper's
+            ablation without it (other weights, no official checkpoint).
         torch_compile (bool | str | dict): run the backbone as one ``torch.compile`` graph
             (faster and leaner training and inference on CUDA; the first steps compile, a few
             minutes). ``True``, a mode name (``'reduce-overhead'``: CUDA graphs for fixed input
@@ -373,6 +377,7 @@ class GroupMamba(BaseModule):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  drop_path_rate: float = 0.,
+                 with_cam: bool = True,
                  torch_compile: Union[bool, str, dict] = False,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
@@ -397,7 +402,7 @@ class GroupMamba(BaseModule):
             first = sum(self.depths[:i])
             self.stages.append(GroupMambaStage(
                 self.embed_dims[i - 1] if i else None, dims, self.mlp_ratios[i],
-                rates[first:first + depth], with_cp))
+                rates[first:first + depth], with_cp, with_cam))
         self.apply(_init_weights)
         self._freeze_stages()
         check_weights_on_load(self)
@@ -469,19 +474,19 @@ class GroupMambaClassifier(nn.Module):
     classifier's check covers its backbone's keys, whose own is removed.
 
     Args:
-        arch, drop_path_rate, with_cp, torch_compile: as for ``GroupMamba``.
+        arch, drop_path_rate, with_cp, with_cam, torch_compile: as for ``GroupMamba``.
         num_classes (int): classes of both heads.
         distillation (bool): a second (distillation) head, averaged with the first in eval mode.
     """
 
     def __init__(self, arch: Union[str, dict] = 'tiny', num_classes: int = 1000,
                  distillation: bool = True, drop_path_rate: float = 0., with_cp: bool = False,
-                 torch_compile: Union[bool, str, dict] = False):
+                 with_cam: bool = True, torch_compile: Union[bool, str, dict] = False):
         super().__init__()
         self.backbone = GroupMamba(arch, drop_path_rate=drop_path_rate, with_cp=with_cp,
-                                   torch_compile=torch_compile)
+                                   with_cam=with_cam, torch_compile=torch_compile)
         dims = self.backbone.embed_dims[-1]
-        self.class_block = ClassBlock(dims, self.backbone.mlp_ratios[-1])
+        self.class_block = ClassBlock(dims, self.backbone.mlp_ratios[-1], with_cam)
         self.head = nn.Linear(dims, num_classes)
         self.dist_head = nn.Linear(dims, num_classes) if distillation else None
         self.class_block.apply(_init_weights)

@@ -191,6 +191,27 @@ def test_classifier_outputs():
                for k in model.state_dict())
 
 
+def test_without_cam_the_layers_are_unmodulated():
+    """``with_cam=False`` (the paper's ablation) drops CAM's weights everywhere, and each layer
+    equals the full one with the modulation set to 1."""
+    torch.manual_seed(0)
+    full = randomize(GroupMambaClassifier(ARCH, num_classes=10)).eval()
+    ablated = GroupMambaClassifier(ARCH, num_classes=10, with_cam=False).eval()
+    kept = {k: v for k, v in full.state_dict().items() if 'channel_affinity' not in k}
+    assert set(kept) == set(ablated.state_dict())
+    assert len(kept) < len(full.state_dict())
+    ablated.load_state_dict(kept)
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        assert not torch.allclose(full(x), ablated(x))
+        for layer in full.modules():
+            if isinstance(layer, groupmamba_module.ChannelAffinity):
+                layer.forward = lambda means: torch.ones_like(means)
+        torch.testing.assert_close(full(x), ablated(x))
+    backbone = GroupMamba(ARCH, with_cam=False)
+    assert not any('channel_affinity' in k for k in backbone.state_dict())
+
+
 def test_registered_in_openmmlab_registries():
     from mmdet.registry import MODELS as MMDET_MODELS
     from mmengine.registry import MODELS as MMENGINE_MODELS

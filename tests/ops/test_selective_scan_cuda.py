@@ -187,8 +187,8 @@ INTERPRETER_CHECK = textwrap.dedent('''
     torch.manual_seed(0)
     cases = [(2, 8, 4, 2, 5, 7, (0, 1, 2, 3)), (1, 6, 2, 1, 3, 11, (0, 0)), (2, 8, 4, 1, 6, 4, (3, 2, 1, 0)),
              (2, 12, 2, 1, 7, 9, (1, 2)), (3, 4, 1, 1, 1, 1, (0, ))]
-    settings = [dict(_MAX_T=16, _STATE_T=8), dict(_MAX_T=8, _STATE_T=32),
-                dict(_MANY_ROWS=1, _SHORT_T=8, _STATE_T=8, _ROW_T=8, _ROW_LONG_L=40,
+    settings = [dict(_MAX_T=16, STATE_STEPS=8), dict(_MAX_T=8, STATE_STEPS=32),
+                dict(_MANY_ROWS=1, _SHORT_T=8, STATE_STEPS=8, _ROW_T=8, _ROW_LONG_L=40,
                      _ROW_LONG_T=16)]
     defaults = {name: getattr(triton_scan_n1, name) for setting in settings for name in setting}
     for setting, (batch, dim, groups, N, H, W, directions) in (
@@ -228,12 +228,12 @@ def test_interpreter_matches_reference():
 def test_saved_shapes_match_the_launch_plans():
     """The shape functions' state sizes (what ``torch.compile`` allocates for) equal what
     forward writes, for every sequence length and state size in range: for N = 1 one state per
-    ``_STATE_T`` steps whatever the plan, otherwise one per chunk of the launch tile."""
+    ``STATE_STEPS`` steps whatever the plan, otherwise one per chunk of the launch tile."""
     for L in list(range(1, 700)) + [3136, 4096, 12544, 50000]:
         for N in (1, 2, 3, 4, 16):
             (shape, ) = triton_scan.saved_shapes(2, 8, 4, N, L)
             if N == 1:
-                assert shape == (16, triton.cdiv(L, triton_scan_n1._STATE_T)), (L, N)
+                assert shape == (16, triton.cdiv(L, triton_scan_n1.STATE_STEPS)), (L, N)
             else:
                 tile = triton_scan._Tile(2, 8, 4, N, L, triton_scan._FWD_TILE)
                 assert shape == (2, 8, tile.chunks, N), (L, N)
@@ -252,7 +252,7 @@ def test_launch_plans_are_consistent():
                     for value in cfg:
                         assert value & (value - 1) == 0, (L, cfg)
                     assert cfg.block_d <= triton.next_power_of_2(dim_per_group), (L, cfg)
-                assert bwd.block_t % triton_scan_n1._STATE_T == 0 or bwd.block_t >= L, (L, bwd)
+                assert bwd.block_t % triton_scan_n1.STATE_STEPS == 0 or bwd.block_t >= L, (L, bwd)
                 if L <= 256:
                     assert fwd.block_t >= L and fwd.warps == 1 and bwd.warps == 1, (L, fwd, bwd)
                 elif many_rows:

@@ -9,17 +9,19 @@ Each chunk's loads are issued one iteration ahead (a register prefetch), so that
 while the previous chunk is scanned; a program of a single chunk (``PREFETCH`` off) skips it and
 holds fewer registers, so that more programs share an SM.
 
-Forward stores the state every ``_STATE_T`` steps (``(batch * dim, ceil(L / _STATE_T))`` float32,
-whatever its own chunk length); backward walks its chunks last to first, recomputes a chunk's
-states from the saved one at its start (its chunks are whole multiples of ``_STATE_T``), and runs
-the adjoint ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` as a reverse scan. The shifted decay ``a_{t+1}``
-comes from a second load of ``delta`` one step on (a cache hit). dB/dC are summed over the
+Forward stores the state every ``STATE_STEPS`` steps (``(batch * dim, ceil(L / STATE_STEPS))``
+float32, whatever its own chunk length); backward walks its chunks last to first, recomputes a
+chunk's states from the saved one at its start (its chunks are whole multiples of
+``STATE_STEPS``), and runs the adjoint ``g_t = a_{t+1} g_{t+1} + C_t dy_t`` as a reverse scan.
+The shifted decay ``a_{t+1}`` comes from a second load of ``delta`` one step on (a cache hit). dB/dC are summed over the
 program's channels in registers; programs of one group add up with float32 atomics only when a
 group spans several channel blocks. dA, dD and ddelta_bias reduce over steps in registers and over
 the batch with atomics.
 
 Launch geometry comes from a small table keyed by coarse shape buckets (powers of two), so the
-changing image sizes of detection reuse a handful of compiled kernels.
+changing image sizes of detection reuse a handful of compiled kernels. The public names below
+(``plan``, ``LaunchConfig``, ``forward``/``backward`` with an explicit geometry, ``STATE_STEPS``)
+are the tuning interface that ``benchmarks/sweep_scan_tiles.py`` sweeps.
 """
 from typing import NamedTuple, Tuple
 
@@ -30,10 +32,13 @@ import triton.language as tl
 from .common import (affine_combine, compiled_binaries, direction_code, effective_delta,
                      group_direction, or_dummy, program_channels, skip_and_bias, token_index)
 
-# Forward saves the state every _STATE_T steps, so that backward may cut the sequence into
+__all__ = ['LaunchConfig', 'plan', 'forward', 'backward', 'states_shape', 'STATE_STEPS',
+           'bc_strides_ok', 'compiled_kernel_count']
+
+# Forward saves the state every STATE_STEPS steps, so that backward may cut the sequence into
 # chunks of any multiple of it, whatever forward's chunk length (a few bytes per row: 0.3% of
 # forward's traffic at L = 3136).
-_STATE_T = 128
+STATE_STEPS = 128
 # Picked by a sweep on an H100 over the GroupMamba stage shapes: tiles of 1024 channels x steps,
 # 4 warps, chunks up to 512 steps; long sequences run backward in chunks of 1024 with 8 warps.
 _MAX_T = 512
@@ -90,22 +95,22 @@ def plan(batch: int, dim_per_group: int, groups: int, L: int) -> Tuple[LaunchCon
         fwd = LaunchConfig(
             _block_d(batch, dim_per_group, groups, _TILE // fwd_t, _FWD_MIN_PROGRAMS), fwd_t, _WARPS)
     # Backward's chunks start where forward saved a state, or one chunk covers the sequence.
-    if many_rows and L > _STATE_T:
-        bwd = LaunchConfig(1, max(_ROW_T, _STATE_T), 1)
+    if many_rows and L > STATE_STEPS:
+        bwd = LaunchConfig(1, max(_ROW_T, STATE_STEPS), 1)
     elif one_chunk:
         bwd = LaunchConfig(min(most, _SHORT_BWD_D), fwd_t, 1)
     else:
         bwd_t, bwd_warps = (_LONG_BWD_T, _LONG_BWD_WARPS) if L >= _LONG_L else (fwd_t, _WARPS)
-        bwd_t = max(bwd_t, min(_STATE_T, triton.next_power_of_2(L)))
+        bwd_t = max(bwd_t, min(STATE_STEPS, triton.next_power_of_2(L)))
         bwd = LaunchConfig(_block_d(batch, dim_per_group, groups, _TILE // bwd_t,
                                     _BWD_MIN_PROGRAMS), bwd_t, bwd_warps)
     return fwd, bwd
 
 
 def states_shape(batch, dim: int, L):
-    """Shape of the states :func:`forward` saves: one per ``_STATE_T`` steps and row (symbolic
+    """Shape of the states :func:`forward` saves: one per ``STATE_STEPS`` steps and row (symbolic
     sizes pass)."""
-    return (batch * dim, -(-L // _STATE_T))
+    return (batch * dim, -(-L // STATE_STEPS))
 
 
 def _block_d(batch: int, dim_per_group: int, groups: int, want: int, min_programs: int) -> int:
@@ -118,7 +123,7 @@ def _block_d(batch: int, dim_per_group: int, groups: int, want: int, min_program
 def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
             out_dtype, cfg: LaunchConfig, empty=torch.empty):
     """Returns ``(y, states)``; ``states`` :func:`states_shape` float32, the state before every
-    ``_STATE_T``-th step.
+    ``STATE_STEPS``-th step.
 
     ``u, delta``: contiguous ``(batch, dim, L)``; ``B, C``: ``(batch, groups, 1, L)`` whose batch and
     group strides are multiples of ``L`` (a broadcast group stride of 0 is fine); ``directions``:
@@ -139,7 +144,7 @@ def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatia
         *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, BLOCK_D=cfg.block_d,
-        BLOCK_T=cfg.block_t, STATE_T=_STATE_T, PREFETCH=n_chunks > 1, num_warps=cfg.warps)
+        BLOCK_T=cfg.block_t, STATE_T=STATE_STEPS, PREFETCH=n_chunks > 1, num_warps=cfg.warps)
     return y, states
 
 
@@ -149,7 +154,7 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
 
     du/ddelta come in the inputs' dtypes, dA/dD/ddelta_bias in float32 (summed with atomics),
     dB/dC ``(batch, groups, 1, L)`` in B's dtype, or float32 when a group spans several programs.
-    ``states`` is what :func:`forward` saved; ``cfg.block_t`` is a multiple of ``_STATE_T`` or
+    ``states`` is what :func:`forward` saved; ``cfg.block_t`` is a multiple of ``STATE_STEPS`` or
     covers ``L``.
     """
     batch, dim, L = u.shape
@@ -157,7 +162,7 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
     dim_per_group = dim // groups
     H, W = spatial_shape
     n_chunks = triton.cdiv(L, cfg.block_t)
-    assert n_chunks == 1 or cfg.block_t % _STATE_T == 0, (cfg.block_t, _STATE_T)
+    assert n_chunks == 1 or cfg.block_t % STATE_STEPS == 0, (cfg.block_t, STATE_STEPS)
     d_blocks = triton.cdiv(dim_per_group, cfg.block_d)
     du = empty(u.shape, dtype=u.dtype, device=u.device)
     ddelta = empty(delta.shape, dtype=delta.dtype, device=u.device)
@@ -176,7 +181,7 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
         u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u),
         direction_code(directions), dy, states,
         du, ddelta, param_grads, dBC, L, H, W, n_chunks, states.shape[1],
-        max(1, cfg.block_t // _STATE_T),
+        max(1, cfg.block_t // STATE_STEPS),
         dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, ATOMIC_BC=atomic_bc,
