@@ -7,6 +7,21 @@ import threading
 import pytest
 import torch
 
+# A GroupMamba small enough for CPU tests, with two blocks in one stage.
+SMALL_ARCH = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), stem_channels=8,
+                  mlp_ratios=(2, 2, 2, 2))
+
+
+def randomize(model, seed=0):
+    """Every parameter and BatchNorm statistic away from its (often symmetric) initial value."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator)
+                tensor.copy_((1.5 + noise.abs()) if 'running_var' in name else tensor + 0.1 * noise)
+    return model
+
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 

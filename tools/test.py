@@ -7,13 +7,11 @@
 label map per image into the directory given. Distributed: tools/dist_test.sh CONFIG CKPT GPUS.
 """
 import argparse
-import os
 
-from mmengine.config import DictAction
-
-from mmgroupmamba.engine.runner import (build_runner, check_checkpoint_fits, configure_test,
+from mmgroupmamba.engine.runner import (add_shared_arguments, build_runner,
+                                        check_checkpoint_fits, configure_test,
                                         end_cpu_distributed_process, load_config,
-                                        refusals_leave_nothing)
+                                        parse_shared_arguments, refusals_leave_nothing)
 
 
 def parse_args():
@@ -33,18 +31,12 @@ def parse_args():
                         help='seconds each image is shown with --show')
     parser.add_argument('--tta', action='store_true',
                         help='test-time augmentation with the config\'s tta_model/tta_pipeline')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
-                        help='override config entries, e.g. test_dataloader.batch_size=1')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    # torch.distributed.launch passes --local-rank (newer) or --local_rank (older).
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    return parser, parser.parse_args()
+    add_shared_arguments(parser, 'test_dataloader.batch_size=1')
+    return parser, parse_shared_arguments(parser)
 
 
 def main():
     parser, args = parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     try:
         cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
         configure_test(cfg, args.checkpoint, out=args.out, show=args.show,

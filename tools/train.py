@@ -6,13 +6,10 @@
 Distributed: tools/dist_train.sh CONFIG GPUS [options].
 """
 import argparse
-import os
 
-from mmengine.config import DictAction
-
-from mmgroupmamba.engine.runner import (build_runner, configure_train,
+from mmgroupmamba.engine.runner import (add_shared_arguments, build_runner, configure_train,
                                         end_cpu_distributed_process, load_config,
-                                        refusals_leave_nothing)
+                                        parse_shared_arguments, refusals_leave_nothing)
 
 
 def parse_args():
@@ -28,19 +25,12 @@ def parse_args():
                         help='automatic mixed precision (AmpOptimWrapper, dynamic loss scale)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate to the actual total batch size')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
-                        help='override config entries, e.g. train_cfg.max_iters=100 '
-                        'or key="[a,b]" for lists')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    # torch.distributed.launch passes --local-rank (newer) or --local_rank (older).
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    return parser, parser.parse_args()
+    add_shared_arguments(parser, 'train_cfg.max_iters=100 or key="[a,b]" for lists')
+    return parser, parse_shared_arguments(parser)
 
 
 def main():
     parser, args = parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     try:
         cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
         configure_train(cfg, resume=args.resume, amp=args.amp, auto_scale_lr=args.auto_scale_lr)

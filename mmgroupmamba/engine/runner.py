@@ -20,7 +20,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from mmengine.config import Config, ConfigDict
+from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.device import get_device
 from mmengine.dist import is_main_process
 from mmengine.model import BaseTTAModel, is_model_wrapper
@@ -31,7 +31,8 @@ from ..models.weights import NonFiniteWeightsError, WeightsMismatchError, check_
 from .checkpoint import CheckpointDownloadError, CorruptCheckpointError, UntrustedCheckpointError
 from .durable_runner import DurableRunner
 
-__all__ = ['SCOPES', 'REFUSALS', 'load_config', 'configure_train', 'configure_test',
+__all__ = ['SCOPES', 'REFUSALS', 'add_shared_arguments', 'parse_shared_arguments',
+           'load_config', 'configure_train', 'configure_test',
            'build_runner', 'refusals_leave_nothing', 'check_checkpoint_fits',
            'end_cpu_distributed_process']
 
@@ -46,6 +47,25 @@ SCOPES = {
     'mmseg': 'mmseg.utils',
     'mmgroupmamba': 'mmgroupmamba',
 }
+
+
+def add_shared_arguments(parser, cfg_options_example: str) -> None:
+    """The options train.py and test.py share: ``--cfg-options``, ``--launcher`` and the local
+    rank that ``torch.distributed.launch`` passes (also put into ``LOCAL_RANK`` once parsed, see
+    :func:`parse_shared_arguments`)."""
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
+                        help=f'override config entries, e.g. {cfg_options_example}')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank (newer) or --local_rank (older).
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_shared_arguments(parser):
+    """``parser.parse_args()``, with the local rank exported as ``LOCAL_RANK`` unless set."""
+    args = parser.parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
 
 
 def load_config(path, cfg_options=None, launcher='none', work_dir=None):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch._dynamo.backends.common import aot_autograd
 
+from conftest import SMALL_ARCH, randomize
 from mmgroupmamba.models import GroupMamba, GroupMambaClassifier
 from mmgroupmamba.models import groupmamba as groupmamba_module
 
-ARCH = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), stem_channels=8,
-            mlp_ratios=(2, 2, 2, 2))
+ARCH = SMALL_ARCH
 
 
 def expected_size(size, stage):
@@ -22,16 +22,6 @@ def expected_size(size, stage):
         size = math.ceil(size / 2)
     return size
 
-
-def randomize(model, seed=0):
-    """Every parameter and BatchNorm statistic away from its (often symmetric) initial value."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point():
-                noise = torch.randn(tensor.shape, generator=generator)
-                tensor.copy_((1.5 + noise.abs()) if 'running_var' in name else tensor + 0.1 * noise)
-    return model
 
 
 @pytest.mark.parametrize('size', [(64, 64), (255, 255), (112, 137), (33, 47), (7, 5)])

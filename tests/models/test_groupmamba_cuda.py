@@ -8,25 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import SMALL_ARCH, randomize
 from mmgroupmamba.models import GroupMamba, GroupMambaClassifier
 from mmgroupmamba.models.groupmamba import _INNER_NORM_EPS, GroupedSS2D
 from mmgroupmamba.ops import SCAN_DIRECTIONS, selective_scan
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 
-ARCH = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), stem_channels=8,
-            mlp_ratios=(2, 2, 2, 2))
+ARCH = SMALL_ARCH
 
-
-def randomize(model, seed=0):
-    """Every parameter and BatchNorm statistic away from its (often symmetric) initial value."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point():
-                noise = torch.randn(tensor.shape, generator=generator)
-                tensor.copy_((1.5 + noise.abs()) if 'running_var' in name else tensor + 0.1 * noise)
-    return model
 
 
 def reference_ss2d(ssm: GroupedSS2D, x: torch.Tensor) -> torch.Tensor:
