@@ -157,8 +157,8 @@ class GroupedSS2D(nn.Module):
         tokens = x.reshape(B, L, G, d).permute(0, 2, 3, 1).contiguous()
         u = torch.matmul(self.in_proj_weight[:, :d], tokens)
         z = torch.matmul(self.in_proj_weight[:, d:], tokens)
-        u = depthwise_conv2d(u.view(B, C, H, W), self.conv.weight, self.conv.bias)
-        u = F.silu(u).view(B, G, d, L)
+        u = depthwise_conv2d(u.view(B, C, H, W), self.conv.weight, self.conv.bias,
+                             activation='silu').view(B, G, d, L)
         x_dbl = torch.matmul(self.x_proj_weight, u)  # (B, G, R + 2N, L)
         dt = torch.matmul(self.dt_proj_weight, x_dbl[:, :, :R])  # (B, G, d, L)
         # B and C are strided views of x_dbl, which the scan takes without a copy.

@@ -3,11 +3,14 @@ mixers and FFNs.
 
 ``depthwise_conv2d(x, weight, bias)`` equals ``F.conv2d(x, weight, bias, padding=k // 2,
 groups=C)`` computed in float32 and returned in x's dtype, on NCHW or channels-last maps alike
-(the output keeps x's memory layout; float64 stays float64). CUDA tensors with 3 x 3 kernels go
-to the Triton kernels of :mod:`.triton.depthwise_conv` when Triton imports (cuDNN's depthwise
-kernels are slow on channels-last low-precision maps, backward especially), everything else to
-PyTorch's convolution; ``backend='torch'`` or ``'triton'`` asks for one. Like the scan, it is a pair of custom operators with autograd and shape
-functions, so ``torch.compile`` keeps it in its graphs, and eager calls skip the operator layer.
+(the output keeps x's memory layout; float64 stays float64); ``activation='silu'`` or ``'gelu'``
+applies ``F.silu`` or ``F.gelu`` to the float32 result before it is rounded, and backward
+recomputes the convolution instead of keeping it. CUDA tensors with 3 x 3 kernels go to the
+Triton kernels of :mod:`.triton.depthwise_conv` when Triton imports (cuDNN's depthwise kernels are
+slow on channels-last low-precision maps, backward especially; the activation runs in the same
+kernel), everything else to PyTorch's convolution; ``backend='torch'`` or ``'triton'`` asks for
+one. Like the scan, it is a pair of custom operators with autograd and shape functions, so
+``torch.compile`` keeps it in its graphs, and eager calls skip the operator layer.
 """
 from typing import List, Optional
 
@@ -17,12 +20,21 @@ import torch.nn.functional as F
 from ._tracing import traced
 
 
+# Activations that may follow the convolution: name -> (function, its backward).
+_ACTIVATIONS = {
+    'silu': (F.silu, torch.ops.aten.silu_backward),
+    'gelu': (F.gelu, torch.ops.aten.gelu_backward),
+}
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     *, backend: Optional[str] = None) -> torch.Tensor:
+                     *, activation: Optional[str] = None,
+                     backend: Optional[str] = None) -> torch.Tensor:
     """Args:
         x: ``(B, C, H, W)`` input, any memory layout.
         weight: ``(C, 1, k, k)`` with odd k (an ``nn.Conv2d(C, C, k, groups=C)``'s weight).
         bias: optional ``(C,)``.
+        activation: None, ``'silu'`` or ``'gelu'`` (exact), applied to the convolution.
         backend: None picks by device and case (see the module's docstring); ``'torch'``
             runs PyTorch's convolution on any device; ``'triton'`` the Triton kernels, and
             raises ``ValueError`` naming the reason where they cannot run.
@@ -31,16 +43,19 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         ``(B, C, H, W)`` in x's dtype and memory layout.
     """
     _check_inputs(x, weight, bias)
+    if activation is not None and activation not in _ACTIVATIONS:
+        raise ValueError(f'activation must be None or one of {sorted(_ACTIVATIONS)}, got '
+                         f'{activation!r}')
     if backend not in (None, 'torch', 'triton'):
         raise ValueError(f"backend must be None (by device), 'torch' or 'triton', got {backend!r}")
     if backend == 'triton':
         reason = _triton_unavailable(x, weight)
         if reason is not None:
             raise ValueError(f"depthwise_conv2d(backend='triton') cannot run here: {reason}")
-    # The custom operators take the choice as a string: '' is automatic.
+    # The custom operators take the choices as strings: '' is none / automatic.
     if traced():
-        return _conv_fwd(x, weight, bias, backend or '')
-    return _EagerDepthwiseConv.apply(x, weight, bias, backend or '')
+        return _conv_fwd(x, weight, bias, activation or '', backend or '')
+    return _EagerDepthwiseConv.apply(x, weight, bias, activation or '', backend or '')
 
 
 class _EagerDepthwiseConv(torch.autograd.Function):
@@ -48,60 +63,74 @@ class _EagerDepthwiseConv(torch.autograd.Function):
     :func:`._tracing.traced`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, backend):
-        ctx.save_for_backward(x, weight)
-        ctx.with_bias = bias is not None
-        ctx.backend = backend
-        return _forward_impl(x, weight, bias, backend)
+    def forward(ctx, x, weight, bias, activation, backend):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.activation, ctx.backend = activation, backend
+        return _forward_impl(x, weight, bias, activation, backend)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = _backward_impl(grad_y, x, weight, ctx.with_bias,
+        x, weight, bias = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = _backward_impl(grad_y, x, weight, bias, ctx.activation,
                                                         ctx.backend)
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 @torch.library.custom_op('mmgroupmamba::depthwise_conv_fwd', mutates_args=())
 def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-              backend: str) -> torch.Tensor:
-    return _forward_impl(x, weight, bias, backend)
+              activation: str, backend: str) -> torch.Tensor:
+    return _forward_impl(x, weight, bias, activation, backend)
 
 
-def _forward_impl(x, weight, bias, backend):
+def _forward_impl(x, weight, bias, activation, backend):
     triton_impl = _triton_for(x, weight, backend)
     with torch.autocast(x.device.type, enabled=False):
         if triton_impl is not None:
-            return triton_impl.forward(x, weight, bias)
-        dtype = _compute_dtype(x)
-        y = F.conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-                     padding=weight.shape[-1] // 2, groups=x.shape[1])
+            return triton_impl.forward(x, weight, bias, activation or None)
+        y = _torch_conv(x, weight, bias)
+        if activation:
+            y = _ACTIVATIONS[activation][0](y)
         return _like(x, y)
 
 
+def _torch_conv(x, weight, bias):
+    """PyTorch's convolution in the compute dtype."""
+    dtype = _compute_dtype(x)
+    return F.conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                    padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
 @_conv_fwd.register_fake
-def _(x, weight, bias, backend):
+def _(x, weight, bias, activation, backend):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op('mmgroupmamba::depthwise_conv_bwd', mutates_args=())
-def _conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool,
-              backend: str) -> List[torch.Tensor]:
+def _conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+              bias: Optional[torch.Tensor], activation: str, backend: str) -> List[torch.Tensor]:
     """Returns ``[grad_x, grad_weight, grad_bias]`` in the inputs' dtypes (an empty grad_bias
     without bias)."""
-    grad_x, grad_weight, grad_bias = _backward_impl(grad_y, x, weight, with_bias, backend)
+    grad_x, grad_weight, grad_bias = _backward_impl(grad_y, x, weight, bias, activation, backend)
     return [grad_x, grad_weight, x.new_empty(0) if grad_bias is None else grad_bias]
 
 
-def _backward_impl(grad_y, x, weight, with_bias, backend):
-    """``(grad_x, grad_weight, grad_bias)`` in the inputs' dtypes; grad_bias None without bias."""
+def _backward_impl(grad_y, x, weight, bias, activation, backend):
+    """``(grad_x, grad_weight, grad_bias)`` in the inputs' dtypes; grad_bias None without bias.
+    With an activation, the gradient at the pre-activation comes first, from the convolution
+    recomputed."""
     triton_impl = _triton_for(x, weight, backend)
+    with_bias = bias is not None
     with torch.autocast(x.device.type, enabled=False):
         if triton_impl is not None:
+            if activation:
+                grad_y = triton_impl.activation_grad(grad_y, x, weight, bias, activation)
             grad_x, grad_weight, grad_bias = triton_impl.backward(grad_y, x, weight, with_bias)
         else:
             k, dtype = weight.shape[-1], _compute_dtype(x)
+            if activation:
+                grad_y = _ACTIVATIONS[activation][1](grad_y.to(dtype),
+                                                     _torch_conv(x, weight, bias))
             grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
                 grad_y.to(dtype), x.to(dtype), weight.to(dtype),
                 [weight.shape[0]] if with_bias else None,
@@ -116,22 +145,22 @@ def _backward_impl(grad_y, x, weight, with_bias, backend):
 
 
 @_conv_bwd.register_fake
-def _(grad_y, x, weight, with_bias, backend):
-    grad_bias = weight.new_empty(weight.shape[0]) if with_bias else x.new_empty(0)
+def _(grad_y, x, weight, bias, activation, backend):
+    grad_bias = weight.new_empty(weight.shape[0]) if bias is not None else x.new_empty(0)
     return [torch.empty_like(x), weight.new_empty(weight.shape), grad_bias]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, backend = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.with_bias = bias is not None
-    ctx.backend = backend
+    x, weight, bias, activation, backend = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.activation, ctx.backend = activation, backend
 
 
 def _backward(ctx, grad_y):
-    x, weight = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = _conv_bwd(grad_y, x, weight, ctx.with_bias, ctx.backend)
-    return grad_x, grad_weight, grad_bias if ctx.with_bias else None, None
+    x, weight, bias = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = _conv_bwd(grad_y, x, weight, bias, ctx.activation,
+                                               ctx.backend)
+    return grad_x, grad_weight, grad_bias if bias is not None else None, None, None
 
 
 _conv_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -117,17 +117,14 @@ def conv_gelu_linear_ref(h, conv_weight, conv_bias, weight, bias):
     return F.linear(_conv_gelu(h, conv_weight, conv_bias), weight, bias)
 
 
-def _tokens_conv(h: torch.Tensor, weight: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The depthwise convolution of (B, H, W, C) tokens, as an NCHW view; none without a
-    weight."""
+def _conv_gelu(h: torch.Tensor, weight: Optional[torch.Tensor],
+               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """GELU of the depthwise convolution of (B, H, W, C) tokens (one kernel on CUDA, which
+    recomputes the convolution in backward); GELU alone without a weight."""
     if weight is None:
-        return h
-    return depthwise_conv2d(h.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
-
-
-def _conv_gelu(h, weight, bias):
-    return F.gelu(_tokens_conv(h, weight, bias))
+        return F.gelu(h)
+    return depthwise_conv2d(h.permute(0, 3, 1, 2), weight, bias,
+                            activation='gelu').permute(0, 2, 3, 1)
 
 
 class _ConvGeluLinear(torch.autograd.Function):
@@ -147,21 +144,18 @@ class _ConvGeluLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         h, conv_weight, conv_bias, weight = ctx.saved_tensors
-        h, conv_weight, conv_bias = (None if t is None else t.detach().requires_grad_()
-                                     for t in (h, conv_weight, conv_bias))
+        inputs = [None if t is None else t.detach().requires_grad_()
+                  for t in (h, conv_weight, conv_bias)]
         with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
-            a = _tokens_conv(h, conv_weight, conv_bias)
+            act = _conv_gelu(*inputs)
         grad_out = grad_out.to(ctx.dtype)
-        act = F.gelu(a.detach()).to(ctx.dtype)
         grad_act = grad_out @ weight.to(ctx.dtype)
-        grad_weight = grad_out.flatten(0, -2).t() @ act.flatten(0, -2)
+        grad_weight = grad_out.flatten(0, -2).t() @ act.detach().to(ctx.dtype).flatten(0, -2)
         grad_bias = grad_out.flatten(0, -2).sum(0)
-        del act
-        grad_a = torch.ops.aten.gelu_backward(grad_act.to(a.dtype), a.detach())
-        if conv_weight is None:
-            return grad_a, None, None, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
-        conv_inputs = [t for t in (h, conv_weight, conv_bias) if t is not None]
-        grad_h, *grad_conv = torch.autograd.grad(a, conv_inputs, grad_a)
-        if conv_bias is None:
-            grad_conv.append(None)
-        return (grad_h, *grad_conv, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype))
+        # Through the convolution's own backward, which recomputes its pre-activation.
+        needed = [t for t in inputs if t is not None]
+        grads = iter(torch.autograd.grad(act, needed, grad_act.to(act.dtype)))
+        grad_h, grad_conv_weight, grad_conv_bias = (None if t is None else next(grads)
+                                                    for t in inputs)
+        return (grad_h, grad_conv_weight, grad_conv_bias, grad_weight.to(weight.dtype),
+                grad_bias.to(weight.dtype))

@@ -1,5 +1,6 @@
 """The depthwise convolution op: PyTorch path, operator registration, Triton kernels (through
 Triton's interpreter on the CPU, natively on a GPU), input checks."""
+import functools
 import os
 import subprocess
 import sys
@@ -26,11 +27,15 @@ def make_case(B, C, H, W, k, channels_last, bias, dtype=torch.float32, device='c
     return x, weight, torch.randn(C, device=device) if bias else None
 
 
-def reference(x, weight, bias, grad_y):
-    """F.conv2d in float64: output and gradients."""
+ACTIVATIONS = {None: lambda a: a, 'silu': F.silu, 'gelu': F.gelu}
+
+
+def reference(x, weight, bias, grad_y, activation=None):
+    """F.conv2d (then the activation) in float64: output and gradients."""
     inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias) if t is not None]
     conv_bias = inputs[2] if bias is not None else None
     y = F.conv2d(inputs[0], inputs[1], conv_bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+    y = ACTIVATIONS[activation](y)
     return [y, *torch.autograd.grad(y, inputs, grad_y.double())]
 
 
@@ -40,14 +45,16 @@ def run_op(x, weight, bias, grad_y, **kwargs):
     return [y, *torch.autograd.grad(y, inputs, grad_y)]
 
 
+@pytest.mark.parametrize('activation', [None, 'silu', 'gelu'])
 @pytest.mark.parametrize('case', CASES)
-def test_torch_path_matches_conv2d(case):
-    """Output and gradients equal ``F.conv2d``'s; output and input gradient keep x's layout."""
+def test_torch_path_matches_conv2d(case, activation):
+    """Output and gradients equal ``F.conv2d``'s (then the activation's); output and input
+    gradient keep x's layout."""
     torch.manual_seed(0)
     x, weight, bias = make_case(*case)
     grad_y = torch.randn_like(x)
-    results = run_op(x, weight, bias, grad_y)
-    for out, ref in zip(results, reference(x, weight, bias, grad_y)):
+    results = run_op(x, weight, bias, grad_y, activation=activation)
+    for out, ref in zip(results, reference(x, weight, bias, grad_y, activation)):
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     assert results[0].stride() == x.stride() and results[1].stride() == x.stride()
 
@@ -56,6 +63,8 @@ def test_gradcheck_and_low_precision():
     torch.manual_seed(0)
     x, weight, bias = (t.double().requires_grad_() for t in make_case(1, 3, 4, 5, 3, False, True))
     assert torch.autograd.gradcheck(depthwise_conv2d, (x, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda *args: depthwise_conv2d(*args, activation='gelu'), (x, weight, bias))
     # bf16 maps: float32 arithmetic, bf16 result and input gradient, float32 parameter gradients.
     x, weight, bias = make_case(2, 8, 5, 6, 3, True, True, dtype=torch.bfloat16)
     grad_y = torch.randn_like(x)
@@ -70,13 +79,14 @@ def test_custom_operator_registration():
     """Shape functions and autograd registration agree with the implementation (opcheck), and a
     compiled caller traces through the op, same results."""
     torch.manual_seed(0)
-    for case in CASES[:2]:
+    for case, activation in zip(CASES[:2], ['', 'silu']):
         x, weight, bias = (t.requires_grad_() for t in make_case(*case))
         torch.library.opcheck(torch.ops.mmgroupmamba.depthwise_conv_fwd.default,
-                              (x, weight, bias, ''))
+                              (x, weight, bias, activation, ''))
         grad_y = torch.randn_like(x)
-        eager = run_op(x, weight, bias, grad_y)
-        compiled = torch.compile(depthwise_conv2d, backend='aot_eager', fullgraph=True)
+        eager = run_op(x, weight, bias, grad_y, activation=activation or None)
+        compiled = torch.compile(functools.partial(depthwise_conv2d, activation=activation or None),
+                                 backend='aot_eager', fullgraph=True)
         inputs = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
         y = compiled(*inputs)
         assert depthwise_conv2d(x, weight, bias).grad_fn.name() == '_EagerDepthwiseConvBackward'
@@ -108,6 +118,8 @@ def test_bad_inputs_are_named():
         depthwise_conv2d(x[0], torch.randn(4, 1, 3, 3))
     with pytest.raises(TypeError, match='x must be a floating-point'):
         depthwise_conv2d(x.long(), torch.randn(4, 1, 3, 3))
+    with pytest.raises(ValueError, match="activation must be None or one of .*'relu'"):
+        depthwise_conv2d(x, torch.randn(4, 1, 3, 3), activation='relu')
     with pytest.raises(ValueError, match="backend must be None .*'cudnn'"):
         depthwise_conv2d(x, torch.randn(4, 1, 3, 3), backend='cudnn')
     with pytest.raises(ValueError, match=r"backend='triton'.* on cpu; the Triton kernels run on"):
@@ -124,17 +136,19 @@ INTERPRETER_CHECK = textwrap.dedent('''
     # Each number of rows per stencil program (the heuristic picks from them by the map's size).
     cases = [(case, rows) for case in CASES if case[4] == 3  # the kernels are written for 3 x 3
              for rows in (8, 4, 1)]
-    for case, rows in cases:
+    for (case, rows), activation in zip(cases, [None, 'silu', 'gelu'] * len(cases)):
         triton_depthwise_conv._STENCIL_ROWS = (rows,)
         x, weight, bias = make_case(*case)
         grad_y = torch.randn_like(x)
-        y = triton_depthwise_conv.forward(x, weight, bias)
-        grad_x, grad_w, grad_b = triton_depthwise_conv.backward(grad_y, x, weight, bias is not None)
+        y = triton_depthwise_conv.forward(x, weight, bias, activation)
+        grad_a = (triton_depthwise_conv.activation_grad(grad_y, x, weight, bias, activation)
+                  if activation else grad_y)
+        grad_x, grad_w, grad_b = triton_depthwise_conv.backward(grad_a, x, weight, bias is not None)
         outs = [y, grad_x, grad_w] + ([grad_b] if bias is not None else [])
-        for out, ref in zip(outs, reference(x, weight, bias, grad_y)):
+        for out, ref in zip(outs, reference(x, weight, bias, grad_y, activation)):
             assert out.shape == ref.shape, (case, out.shape, ref.shape)
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert err < 1e-6, (case, rows, err)
+            assert err < 1e-6, (case, rows, activation, err)
         assert y.stride() == x.stride() and grad_x.stride() == x.stride(), case
     # A weight that is a strided view, not a dense parameter.
     x, _, bias = make_case(2, 6, 5, 4, 3, True, True)
@@ -162,16 +176,17 @@ def test_triton_kernels_in_interpreter():
 
 @requires_cuda
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('shape', [(4, 512, 56, 56), (3, 348, 13, 17), (2, 1792, 7, 7),
-                                   (2, 64, 200, 304)])
+@pytest.mark.parametrize('shape,activation', [
+    ((4, 512, 56, 56), 'gelu'), ((3, 348, 13, 17), None), ((2, 1792, 7, 7), 'gelu'),
+    ((2, 64, 200, 304), 'silu')])
 @pytest.mark.parametrize('channels_last', [True, False])
-def test_triton_matches_torch_on_gpu(dtype, shape, channels_last):
+def test_triton_matches_torch_on_gpu(dtype, shape, activation, channels_last):
     """The GPU op against PyTorch's path on the model's stage shapes and a detection-size map."""
     torch.manual_seed(0)
     x, weight, bias = make_case(*shape, 3, channels_last, True, dtype=dtype, device='cuda')
     grad_y = torch.randn_like(x)
-    triton_results = run_op(x, weight, bias, grad_y)
-    torch_results = run_op(x, weight, bias, grad_y, backend='torch')
+    triton_results = run_op(x, weight, bias, grad_y, activation=activation)
+    torch_results = run_op(x, weight, bias, grad_y, activation=activation, backend='torch')
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert triton_results[0].stride() == x.stride() and triton_results[1].stride() == x.stride()
     for a, b in zip(triton_results, torch_results):
@@ -204,4 +219,4 @@ def test_custom_operator_registration_on_gpu():
     for case in CASES[:2]:
         x, weight, bias = (t.requires_grad_() for t in make_case(*case, device='cuda'))
         torch.library.opcheck(torch.ops.mmgroupmamba.depthwise_conv_fwd.default,
-                              (x, weight, bias, ''))
+                              (x, weight, bias, 'gelu', ''))

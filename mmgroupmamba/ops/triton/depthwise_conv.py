@@ -4,9 +4,11 @@ Tensors are ``(B, C, H, W)`` with any strides: the kernels take them as they lie
 channels-last maps (NHWC memory) are read without copies, and the outputs are allocated with the
 input's layout. Each program computes ``BLOCK_W x BLOCK_C`` tiles of several image rows,
 vectorised along whichever of W and C is contiguous, accumulating in float32, loading each input
-row once. The input gradient is the same kernel with the taps turned by 180 degrees; the weight
-and bias gradients reduce rows of the output gradient against shifted input rows into
-per-program partial sums (no atomics: deterministic), summed afterwards.
+row once. An activation (SiLU or GELU) may follow in the same kernel; backward then computes the
+gradient at the pre-activation with the same stencil (recomputing the convolution, so that
+nothing but the input is kept). The input gradient is the same kernel with the taps turned by 180
+degrees; the weight and bias gradients reduce rows of the output gradient against shifted input
+rows into per-program partial sums (no atomics: deterministic), summed afterwards.
 
 The image height and width (and the row-block count) are not specialised on (Triton compiles a
 kernel per divisibility of its integer arguments): detection's changing sizes would compile new
@@ -33,13 +35,28 @@ _WGRAD_ROWS = 8
 # microseconds when 8 leave only a few hundred programs.
 _STENCIL_ROWS = (8, 4)
 _MIN_PROGRAMS = 256
+# The activations the kernels apply after the convolution, by name, as kernel codes.
+ACTIVATIONS = {None: 0, 'silu': 1, 'gelu': 2}
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x ``(B, C, H, W)``, weight ``(C, 1, 3, 3)``, bias ``(C,)`` or None -> y like x."""
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            activation: Optional[str] = None) -> torch.Tensor:
+    """x ``(B, C, H, W)``, weight ``(C, 1, 3, 3)``, bias ``(C,)`` or None -> y like x:
+    ``activation(conv(x))``, ``activation`` one of :data:`ACTIVATIONS` (GELU the exact one)."""
     y = torch.empty_like(x)
-    _stencil(x, weight, bias, y, mirrored=False)
+    _stencil(x, weight, bias, y, mirrored=False, activation=ACTIVATIONS[activation])
     return y
+
+
+def activation_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    """The gradient at the pre-activation ``a = conv(x)`` of ``y = activation(a)``,
+    ``grad_y * activation'(a)``, like x, with ``a`` recomputed on the fly; :func:`backward` takes
+    it from there."""
+    grad_a = torch.empty_like(x)
+    _stencil(x, weight, bias, grad_a, mirrored=False, activation=ACTIVATIONS[activation],
+             grad_y=grad_y)
+    return grad_a
 
 
 def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool
@@ -77,7 +94,7 @@ def _blocks(x: torch.Tensor, tile: int = _TILE) -> Tuple[int, int]:
     return block_w, min(triton.next_power_of_2(C), tile // block_w)
 
 
-def _stencil(src, weight, bias, dst, mirrored: bool):
+def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y=None):
     B, C, H, W = src.shape
     block_w, block_c = _blocks(dst)
     tiles = triton.cdiv(W, block_w) * triton.cdiv(C, block_c)
@@ -87,10 +104,12 @@ def _stencil(src, weight, bias, dst, mirrored: bool):
     has_bias = bias is not None
     weight = weight.contiguous()
     bias = bias.contiguous() if has_bias else src
+    with_grad = grad_y is not None
+    grad_y = grad_y if with_grad else dst
     _dwconv_stencil_kernel[(B * row_blocks, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
-        src, weight, bias, dst, H, W, C, *src.stride(), *dst.stride(), row_blocks,
-        MIRRORED=mirrored, HAS_BIAS=has_bias, ROWS=rows, BLOCK_W=block_w,
-        BLOCK_C=block_c)
+        src, weight, bias, dst, grad_y, H, W, C, *src.stride(), *dst.stride(), *grad_y.stride(),
+        row_blocks, MIRRORED=mirrored, HAS_BIAS=has_bias, ACTIVATION=activation,
+        ACTIVATION_GRAD=with_grad, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c)
 
 
 def _stencil_rows(tiles: int, height: int) -> int:
@@ -113,15 +132,41 @@ def _tap(w_ptr, offs_c, c_mask, I: tl.constexpr, J: tl.constexpr, MIRRORED: tl.c
     return tl.load(w_ptr + offs_c * 9 + offset, mask=c_mask, other=0.).to(tl.float32)[None, :]
 
 
+@triton.jit
+def _activation(a, ACTIVATION: tl.constexpr):
+    """``a`` (float32) through activation code ``ACTIVATION`` (0 none, 1 SiLU, 2 exact GELU)."""
+    if ACTIVATION == 1:
+        return a * tl.sigmoid(a)
+    elif ACTIVATION == 2:
+        return 0.5 * a * (1. + tl.math.erf(a * 0.7071067811865476))
+    else:
+        return a
+
+
+@triton.jit
+def _activation_slope(a, ACTIVATION: tl.constexpr):
+    """The derivative of :func:`_activation` at ``a``."""
+    if ACTIVATION == 1:
+        s = tl.sigmoid(a)
+        return s * (1. + a * (1. - s))
+    elif ACTIVATION == 2:
+        return (0.5 * (1. + tl.math.erf(a * 0.7071067811865476))
+                + a * 0.3989422804014327 * tl.exp(-0.5 * a * a))
+    else:
+        return tl.full(a.shape, 1., tl.float32)
+
+
 @triton.jit(do_not_specialize=['H', 'W', 'row_blocks'])
-def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, H, W, C, ss_b, ss_c, ss_h, ss_w,
-                           ds_b, ds_c, ds_h, ds_w, row_blocks, MIRRORED: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
-    # dst[h, w] = sum_ij src[h + i - 1, w + j - 1] * tap[i, j] for ROWS output rows. Each input
-    # row is loaded once (three column shifts) and feeds the three output rows it touches; a
-    # rolling pair of accumulators holds the rows still open, and a row is stored when its last
-    # input row has been added.
+def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, H, W, C, ss_b, ss_c, ss_h,
+                           ss_w, ds_b, ds_c, ds_h, ds_w, gs_b, gs_c, gs_h, gs_w, row_blocks,
+                           MIRRORED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           ACTIVATION: tl.constexpr, ACTIVATION_GRAD: tl.constexpr,
+                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    # a[h, w] = sum_ij src[h + i - 1, w + j - 1] * tap[i, j] for ROWS output rows; dst is
+    # activation(a), or with ACTIVATION_GRAD g * activation'(a) for the output gradient g. Each
+    # input row is loaded once (three column shifts) and feeds the three output rows it touches;
+    # a rolling pair of accumulators holds the rows still open, and a row is stored when its
+    # last input row has been added.
     program = tl.program_id(0)
     b = (program // row_blocks).to(tl.int64)
     h0 = (program % row_blocks) * ROWS
@@ -134,6 +179,7 @@ def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, H, W, C, ss_b, ss_
     mask_right = (offs_w + 1 < W)[:, None] & c_mask
     src = src_ptr + b * ss_b + offs_w[:, None] * ss_w + offs_c[None, :] * ss_c
     dst = dst_ptr + b * ds_b + offs_w[:, None] * ds_w + offs_c[None, :] * ds_c
+    grad = g_ptr + b * gs_b + offs_w[:, None] * gs_w + offs_c[None, :] * gs_c
     cm = offs_c < C
     t00 = _tap(w_ptr, offs_c, cm, 0, 0, MIRRORED)
     t01 = _tap(w_ptr, offs_c, cm, 0, 1, MIRRORED)
@@ -160,6 +206,11 @@ def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, H, W, C, ss_b, ss_
         done = acc_prev + v0 * t20 + v1 * t21 + v2 * t22 + bias
         out_row = r - 1
         store_ok = (out_row >= h0) & (out_row < H) & (out_row < h0 + ROWS)
+        if ACTIVATION_GRAD:
+            g = tl.load(grad + out_row * gs_h, mask=store_ok & mask_mid, other=0.)
+            done = g.to(tl.float32) * _activation_slope(done, ACTIVATION)
+        else:
+            done = _activation(done, ACTIVATION)
         tl.store(dst + out_row * ds_h, done.to(dst_ptr.dtype.element_ty),
                  mask=store_ok & mask_mid)
         acc_prev = acc_cur + v0 * t10 + v1 * t11 + v2 * t12
