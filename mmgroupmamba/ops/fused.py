@@ -1,6 +1,7 @@
 """Fused pieces of the GroupMamba block that keep less for backward than autograd would.
 
-- :func:`group_norm_gate`: the SS2D output's per-group LayerNorm times ``SiLU(z)``;
+- :func:`group_norm_gate`: the SS2D output's per-group LayerNorm times ``SiLU(z)``; on CUDA one
+  Triton kernel each way (:mod:`.triton.norm_gate`);
 - :func:`conv_gelu_linear`: the FFN's depthwise 3x3 convolution, GELU and second linear layer.
 
 Each picks its implementation by what records the graph: eager autograd gets an
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
+from ._tracing import traced
 from .depthwise_conv import depthwise_conv2d
 
 __all__ = ['group_norm_gate', 'group_norm_gate_ref', 'conv_gelu_linear', 'conv_gelu_linear_ref']
@@ -26,22 +28,52 @@ def _records_eager_backward() -> bool:
 
 
 def group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    eps: float) -> torch.Tensor:
+                    eps: float, *, backend: Optional[str] = None) -> torch.Tensor:
     """LayerNorm of ``y`` over each group's channels (dim 2), per-group affine, times SiLU(z).
 
     Args:
         y, z: (B, G, d, L).
         weight, bias: (G, d).
         eps: the LayerNorm's epsilon.
+        backend: None picks by device (Triton on CUDA where it imports, else PyTorch's
+            operators); ``'torch'`` or ``'triton'`` asks for one (``ValueError`` naming why
+            Triton cannot run).
 
     Returns:
         (B, G, d, L) in z's dtype; the statistics are taken in at least float32 (as autocast
         runs ``layer_norm``). Eager training keeps y, z and the statistics for backward; plain
         autograd would keep three float32 copies of y as well.
     """
+    kernels = _norm_gate_kernels(y, backend)
     if _records_eager_backward():
-        return _GroupNormGate.apply(y, z, weight, bias, eps)
+        return _GroupNormGate.apply(y, z, weight, bias, eps, kernels)
+    if kernels is not None and not traced():
+        return kernels.forward(_rows(y), _rows(z), weight, bias, eps)[0]
     return group_norm_gate_ref(y, z, weight, bias, eps)
+
+
+def _norm_gate_kernels(y: torch.Tensor, backend: Optional[str]):
+    """The Triton module where it applies and ``backend`` allows, else None."""
+    if backend not in (None, 'torch', 'triton'):
+        raise ValueError(f"backend must be None (by device), 'torch' or 'triton', got {backend!r}")
+    reason = None
+    if y.device.type != 'cuda':
+        reason = f'y is on {y.device.type}; the Triton kernels run on CUDA'
+    elif y.dtype == torch.float64:
+        reason = 'float64 maps; the kernels take 16- and 32-bit floats'
+    else:
+        try:
+            from .triton import norm_gate
+        except ImportError as error:
+            reason = f'Triton does not import ({error})'
+    if backend == 'triton' and reason is not None:
+        raise ValueError(f"group_norm_gate(backend='triton') cannot run here: {reason}")
+    return None if backend == 'torch' or reason is not None else norm_gate
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with contiguous tokens (last axis), as the kernels read it."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def group_norm_gate_ref(y, z, weight, bias, eps):
@@ -61,17 +93,27 @@ def _normalize(y: torch.Tensor, eps: float):
 class _GroupNormGate(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, y, z, weight, bias, eps):
-        with torch.no_grad():
-            y_hat, mean, rstd = _normalize(y, eps)
-            out = (y_hat * weight[..., None] + bias[..., None]).to(z.dtype) * F.silu(z)
+    def forward(ctx, y, z, weight, bias, eps, kernels):
+        if kernels is not None:
+            y, z = _rows(y), _rows(z)
+            out, mean, rstd = kernels.forward(y, z, weight, bias, eps)
+        else:
+            with torch.no_grad():
+                y_hat, mean, rstd = _normalize(y, eps)
+                out = (y_hat * weight[..., None] + bias[..., None]).to(z.dtype) * F.silu(z)
         ctx.save_for_backward(y, z, weight, bias, mean, rstd)
+        ctx.kernels = kernels
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         y, z, weight, bias, mean, rstd = ctx.saved_tensors
+        if ctx.kernels is not None:
+            grad_y, grad_z, grad_weight, grad_bias = ctx.kernels.backward(
+                _rows(grad_out), y, z, weight, bias, mean, rstd)
+            return (grad_y, grad_z, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype),
+                    None, None)
         y_hat = (y.to(mean.dtype) - mean) * rstd
         normed = y_hat * weight[..., None] + bias[..., None]
         gate = F.silu(z)
@@ -84,7 +126,7 @@ class _GroupNormGate(torch.autograd.Function):
         grad_y = rstd * (grad_hat - grad_hat.mean(dim=2, keepdim=True)
                          - y_hat * (grad_hat * y_hat).mean(dim=2, keepdim=True))
         return (grad_y.to(y.dtype), grad_z.to(z.dtype), grad_weight.to(weight.dtype),
-                grad_bias.to(bias.dtype), None)
+                grad_bias.to(bias.dtype), None, None)
 
 
 def conv_gelu_linear(h: torch.Tensor, conv_weight: Optional[torch.Tensor],

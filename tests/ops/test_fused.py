@@ -1,4 +1,10 @@
-"""The fused pieces of the GroupMamba block (``mmgroupmamba.ops.fused``)."""
+"""The fused pieces of the GroupMamba block (``mmgroupmamba.ops.fused``): PyTorch paths, the
+norm-gate Triton kernels (through Triton's interpreter on the CPU, natively on a GPU)."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -24,7 +30,7 @@ def test_memory_lean_functions_match_plain_autograd():
     y, z = torch.randn(2, 4, 5, 7, **double), torch.randn(2, 4, 5, 7, **double)
     weight, bias = torch.randn(4, 5, **double), torch.randn(4, 5, **double)
     gate = _GroupNormGate.apply
-    assert torch.autograd.gradcheck(lambda *a: gate(*a, 1e-5), (y, z, weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: gate(*a, 1e-5, None), (y, z, weight, bias))
 
     def plain_ffn(h, cw, cb, w, b):
         a = F.conv2d(h.permute(0, 3, 1, 2), cw, cb, padding=1, groups=h.shape[-1])
@@ -33,7 +39,7 @@ def test_memory_lean_functions_match_plain_autograd():
     torch.testing.assert_close(conv_gelu_linear_ref(h, conv_w, conv_b, w, b),
                                plain_ffn(h, conv_w, conv_b, w, b))
     cases = [(ffn, plain_ffn, (h, conv_w, conv_b, w, b)),
-             (lambda *a: gate(*a, 1e-5),
+             (lambda *a: gate(*a, 1e-5, None),
               lambda *a: group_norm_gate_ref(*a, 1e-5), (y, z, weight, bias))]
     for lean, plain, args in cases:
         results = []
@@ -64,3 +70,85 @@ def test_public_functions_pick_by_autograd(grad):
                      else [None, None])
     torch.testing.assert_close(ffn, conv_gelu_linear_ref(h, conv_w, conv_b, w, b))
     torch.testing.assert_close(gate, group_norm_gate_ref(y, z, norm_w, norm_b, 1e-5))
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+# (B, G, d, L): d below, at and above a power of two, tokens in one and several blocks.
+NORM_GATE_CASES = [(2, 4, 5, 7), (1, 4, 16, 70), (2, 4, 87, 33), (1, 2, 112, 600)]
+
+
+def norm_gate_reference(y, z, weight, bias, grad_out):
+    """The plain operators in float64: output and the four gradients."""
+    inputs = [t.detach().double().requires_grad_() for t in (y, z, weight, bias)]
+    out = group_norm_gate_ref(*inputs, 1e-5)
+    return [out, *torch.autograd.grad(out, inputs, grad_out.double())]
+
+
+def norm_gate_case(B, G, d, L, dtype=torch.float32, device='cpu'):
+    y, z, grad_out = (torch.randn(B, G, d, L, device=device).to(dtype) for _ in range(3))
+    return y, z, torch.randn(G, d, device=device), torch.randn(G, d, device=device), grad_out
+
+
+def test_norm_gate_backend_is_chosen_or_refused():
+    y, z, weight, bias, _ = norm_gate_case(1, 4, 3, 5)
+    torch.testing.assert_close(group_norm_gate(y, z, weight, bias, 1e-5, backend='torch'),
+                               group_norm_gate_ref(y, z, weight, bias, 1e-5))
+    with pytest.raises(ValueError, match="backend='triton'.* on cpu; the Triton kernels run"):
+        group_norm_gate(y, z, weight, bias, 1e-5, backend='triton')
+    with pytest.raises(ValueError, match="backend must be None .*'cuda'"):
+        group_norm_gate(y, z, weight, bias, 1e-5, backend='cuda')
+
+
+NORM_GATE_INTERPRETER_CHECK = textwrap.dedent('''
+    import sys
+    import torch
+    sys.path.insert(0, 'tests/ops')
+    from test_fused import NORM_GATE_CASES, norm_gate_case, norm_gate_reference
+    from mmgroupmamba.ops.triton import norm_gate
+    torch.manual_seed(0)
+    for case in NORM_GATE_CASES:
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            y, z, weight, bias, grad_out = norm_gate_case(*case, dtype=dtype)
+            out, mean, rstd = norm_gate.forward(y, z, weight, bias, 1e-5)
+            grads = norm_gate.backward(grad_out, y, z, weight, bias, mean, rstd)
+            refs = norm_gate_reference(y, z, weight, bias, grad_out)
+            for name, got, ref in zip(['out', 'y', 'z', 'weight', 'bias'], [out, *grads], refs):
+                assert got.shape == ref.shape, (case, name, got.shape)
+                err = ((got.double() - ref).norm() / ref.norm()).item()
+                assert err < tol, (case, dtype, name, err)
+            assert out.dtype == grads[0].dtype == grads[1].dtype == dtype
+    print('ok')
+''')
+
+
+def test_norm_gate_kernels_in_interpreter():
+    """The norm-gate kernels (forward, all four gradients) against the float64 operators, in
+    float32 and bfloat16, run on the CPU by Triton's interpreter."""
+    triton = pytest.importorskip('triton')
+    if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 7):
+        pytest.skip("Triton < 3.7's interpreter fails on some kernels the GPU runs")
+    # TRITON_INTERPRET must be set before triton is imported, hence the fresh interpreter.
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, '-c', NORM_GATE_INTERPRETER_CHECK], env=env,
+                            cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
+
+
+@requires_cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('case', NORM_GATE_CASES + [(128, 4, 16, 3136), (2, 4, 87, 15200)])
+def test_norm_gate_triton_matches_torch_on_gpu(case, dtype):
+    """Through the public function and its autograd: the Triton path against the PyTorch one,
+    on the test cases and GroupMamba-T's first stage (batch 128) and a detection-size map."""
+    torch.manual_seed(0)
+    y, z, weight, bias, grad_out = norm_gate_case(*case, dtype=dtype, device='cuda')
+    results = []
+    for backend in ('triton', 'torch'):
+        inputs = [t.clone().requires_grad_() for t in (y, z, weight, bias)]
+        out = group_norm_gate(*inputs, 1e-5, backend=backend)
+        results.append([out, *torch.autograd.grad(out, inputs, grad_out)])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, ref in zip(*results):
+        assert got.dtype == ref.dtype
+        assert ((got.double() - ref.double()).norm() / ref.double().norm()) < tol
