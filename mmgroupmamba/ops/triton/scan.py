@@ -1,7 +1,10 @@
 """Triton backend of the selective scan (the path CUDA tensors take).
 
 One state per channel (``N == 1``, all of GroupMamba) takes the 2-D kernels of
-:mod:`.scan_n1`; this module holds the general-``N`` kernels and the dispatch.
+:mod:`.scan_n1`; this module holds the general-``N`` kernels and the dispatch. GroupMamba never
+reaches general ``N``: it serves callers of the public ``selective_scan`` with larger states (as
+``mamba_ssm``'s ``selective_scan_fn`` takes, ``d_state`` 16 in Mamba and VMamba), and
+``tests/ops/test_selective_scan_cuda.py`` keeps it checked (on a GPU and in the interpreter).
 
 General ``N``: one program owns ``BLOCK_D`` channels of one channel group of one image and walks the whole
 sequence in chunks of ``BLOCK_L`` scan steps: inside a chunk the recurrence
