@@ -22,7 +22,7 @@ from mmseg.registry import MODELS as MMSEG_MODELS
 from timm.layers import DropPath
 
 from ..ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
-from ..ops.fused import conv_gelu_linear, group_norm_gate
+from ..ops.fused import ffn, group_norm_gate
 from .compiling import dense_conv, resolve_compile, run_compiled
 from .weights import check_outputs_finite, check_weights_on_load
 
@@ -220,8 +220,8 @@ class GroupMambaLayer(nn.Module):
 class FFN(nn.Module):
     """fc1 -> [depthwise 3x3 conv] -> GELU -> fc2 on (B, H, W, C) tokens.
 
-    Training keeps only fc1's output for backward and recomputes the convolution and GELU there
-    (``ops.fused.conv_gelu_linear``): the hidden map is the model's widest activation.
+    Training keeps only the input for backward and recomputes the rest there (``ops.fused.ffn``):
+    the hidden map is the model's widest activation.
     """
 
     def __init__(self, embed_dims: int, hidden_dims: int, with_dwconv: bool = True):
@@ -233,7 +233,7 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = (None, None) if self.dwconv is None else (self.dwconv.weight, self.dwconv.bias)
-        return conv_gelu_linear(self.fc1(x), *conv, self.fc2.weight, self.fc2.bias)
+        return ffn(x, self.fc1.weight, self.fc1.bias, *conv, self.fc2.weight, self.fc2.bias)
 
 
 class GroupMambaBlock(nn.Module):

@@ -2,7 +2,7 @@
 
 - :func:`group_norm_gate`: the SS2D output's per-group LayerNorm times ``SiLU(z)``; on CUDA one
   Triton kernel each way (:mod:`.triton.norm_gate`);
-- :func:`conv_gelu_linear`: the FFN's depthwise 3x3 convolution, GELU and second linear layer.
+- :func:`ffn`: the FFN (fc1, depthwise 3x3 convolution, GELU, fc2), keeping only its input.
 
 Each picks its implementation by what records the graph: eager autograd gets an
 ``autograd.Function`` that saves only the inputs (and the norm's statistics) and recomputes the
@@ -20,7 +20,7 @@ import torch.utils.checkpoint as cp
 from ._tracing import traced
 from .depthwise_conv import depthwise_conv2d
 
-__all__ = ['group_norm_gate', 'group_norm_gate_ref', 'conv_gelu_linear', 'conv_gelu_linear_ref']
+__all__ = ['group_norm_gate', 'group_norm_gate_ref', 'ffn', 'ffn_ref']
 
 
 def _records_eager_backward() -> bool:
@@ -129,34 +129,40 @@ class _GroupNormGate(torch.autograd.Function):
                 grad_bias.to(bias.dtype), None, None)
 
 
-def conv_gelu_linear(h: torch.Tensor, conv_weight: Optional[torch.Tensor],
-                     conv_bias: Optional[torch.Tensor], weight: torch.Tensor,
-                     bias: torch.Tensor) -> torch.Tensor:
-    """``F.linear(GELU(depthwise_conv(h)), weight, bias)`` on channels-last tokens, keeping only
-    ``h`` for backward: the hidden map is the block's widest activation, and autograd (eager or
-    compiled) would otherwise keep it twice, as the convolution's and the linear layer's input.
+def ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
+        conv_weight: Optional[torch.Tensor], conv_bias: Optional[torch.Tensor],
+        fc2_weight: torch.Tensor, fc2_bias: torch.Tensor) -> torch.Tensor:
+    """``fc2(GELU(depthwise_conv(fc1(x))))`` on channels-last tokens. Eager training keeps only
+    ``x`` (in the compute dtype) for backward and recomputes the rest there, fc1's matmul
+    included: the hidden map is the block's widest activation (4 to 8 times the tokens'), which
+    autograd would keep up to three times (as the convolution's, the GELU's and fc2's input).
+    Compiled training keeps fc1's output and recomputes the convolution and GELU.
 
     Args:
-        h: (B, H, W, hidden) tokens.
+        x: (B, H, W, C) tokens.
+        fc1_weight, fc1_bias: (hidden, C), (hidden,).
         conv_weight, conv_bias: the depthwise convolution's (hidden, 1, k, k) weight and
             (hidden,) bias; ``conv_weight`` None: no convolution.
-        weight, bias: the linear layer's (out, hidden) weight and (out,) bias.
+        fc2_weight, fc2_bias: (out, hidden), (out,).
 
     Returns:
-        (B, H, W, out); under autocast the linear layer computes in the autocast dtype, as
+        (B, H, W, out); under autocast the linear layers compute in the autocast dtype, as
         ``nn.Linear`` would.
     """
+    args = (x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias)
     if _records_eager_backward():
-        return _ConvGeluLinear.apply(h, conv_weight, conv_bias, weight, bias)
+        return _FFN.apply(*args)
     if torch.compiler.is_compiling() and torch.is_grad_enabled():
-        act = cp.checkpoint(_conv_gelu, h, conv_weight, conv_bias, use_reentrant=False)
-        return F.linear(act, weight, bias)
-    return conv_gelu_linear_ref(h, conv_weight, conv_bias, weight, bias)
+        act = cp.checkpoint(_conv_gelu, F.linear(x, fc1_weight, fc1_bias), conv_weight,
+                            conv_bias, use_reentrant=False)
+        return F.linear(act, fc2_weight, fc2_bias)
+    return ffn_ref(*args)
 
 
-def conv_gelu_linear_ref(h, conv_weight, conv_bias, weight, bias):
-    """:func:`conv_gelu_linear` in plain operators."""
-    return F.linear(_conv_gelu(h, conv_weight, conv_bias), weight, bias)
+def ffn_ref(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias):
+    """:func:`ffn` in plain operators."""
+    act = _conv_gelu(F.linear(x, fc1_weight, fc1_bias), conv_weight, conv_bias)
+    return F.linear(act, fc2_weight, fc2_bias)
 
 
 def _conv_gelu(h: torch.Tensor, weight: Optional[torch.Tensor],
@@ -169,35 +175,48 @@ def _conv_gelu(h: torch.Tensor, weight: Optional[torch.Tensor],
                             activation='gelu').permute(0, 2, 3, 1)
 
 
-class _ConvGeluLinear(torch.autograd.Function):
+def _linear_backward(grad_out, x, weight):
+    """(grad_x, grad_weight, grad_bias) of ``F.linear(x, weight, bias)`` over (..., features)."""
+    rows = grad_out.flatten(0, -2)
+    return grad_out @ weight, rows.t() @ x.flatten(0, -2), rows.sum(0)
+
+
+class _FFN(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, h, conv_weight, conv_bias, weight, bias):
-        dtype = (torch.get_autocast_dtype(h.device.type)
-                 if torch.is_autocast_enabled(h.device.type) else h.dtype)
-        with torch.autocast(h.device.type, enabled=False):
+    def forward(ctx, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x = x.to(dtype)
+        with torch.autocast(device, enabled=False):
+            h = F.linear(x, fc1_weight.to(dtype), fc1_bias.to(dtype))
             act = _conv_gelu(h, conv_weight, conv_bias)
-            out = F.linear(act.to(dtype), weight.to(dtype), bias.to(dtype))
-        ctx.save_for_backward(h, conv_weight, conv_bias, weight)
-        ctx.dtype = dtype
+            del h
+            out = F.linear(act, fc2_weight.to(dtype), fc2_bias.to(dtype))
+        ctx.save_for_backward(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        h, conv_weight, conv_bias, weight = ctx.saved_tensors
-        inputs = [None if t is None else t.detach().requires_grad_()
-                  for t in (h, conv_weight, conv_bias)]
-        with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
-            act = _conv_gelu(*inputs)
-        grad_out = grad_out.to(ctx.dtype)
-        grad_act = grad_out @ weight.to(ctx.dtype)
-        grad_weight = grad_out.flatten(0, -2).t() @ act.detach().to(ctx.dtype).flatten(0, -2)
-        grad_bias = grad_out.flatten(0, -2).sum(0)
-        # Through the convolution's own backward, which recomputes its pre-activation.
-        needed = [t for t in inputs if t is not None]
-        grads = iter(torch.autograd.grad(act, needed, grad_act.to(act.dtype)))
-        grad_h, grad_conv_weight, grad_conv_bias = (None if t is None else next(grads)
-                                                    for t in inputs)
-        return (grad_h, grad_conv_weight, grad_conv_bias, grad_weight.to(weight.dtype),
-                grad_bias.to(weight.dtype))
+        x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight = ctx.saved_tensors
+        dtype = x.dtype
+        fc1_weight_c = fc1_weight.to(dtype)
+        conv = [None if t is None else t.detach().requires_grad_()
+                for t in (conv_weight, conv_bias)]
+        with torch.autocast(x.device.type, enabled=False):
+            h = F.linear(x, fc1_weight_c, fc1_bias.to(dtype)).requires_grad_()
+            with torch.enable_grad():
+                act = _conv_gelu(h, *conv)
+            grad_act, grad_fc2_weight, grad_fc2_bias = _linear_backward(
+                grad_out.to(dtype), act.detach(), fc2_weight.to(dtype))
+            # Through the convolution's own backward, which recomputes its pre-activation.
+            needed = [h] + [t for t in conv if t is not None]
+            grads = iter(torch.autograd.grad(act, needed, grad_act))
+            grad_h = next(grads)
+            grad_conv_weight, grad_conv_bias = (None if t is None else next(grads) for t in conv)
+            del act, h, grad_act
+            grad_x, grad_fc1_weight, grad_fc1_bias = _linear_backward(grad_h, x, fc1_weight_c)
+        return (grad_x, grad_fc1_weight.to(fc1_weight.dtype), grad_fc1_bias.to(fc1_bias.dtype),
+                grad_conv_weight, grad_conv_bias, grad_fc2_weight.to(fc2_weight.dtype),
+                grad_fc2_bias.to(fc2_weight.dtype))
