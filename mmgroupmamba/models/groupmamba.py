@@ -22,7 +22,7 @@ from mmseg.registry import MODELS as MMSEG_MODELS
 from timm.layers import DropPath
 
 from ..ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
-from ..ops.fused import ffn, group_norm_gate
+from ..ops.fused import ffn, group_norm_gate, modulate_norm
 from .compiling import dense_conv, resolve_compile, run_compiled
 from .weights import check_outputs_finite, check_weights_on_load
 
@@ -209,12 +209,12 @@ class GroupMambaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
-        # x first: the product takes x's (channels-last) layout, not the mixer output's
-        # channel-major one, so the LayerNorm below reads it without a copy.
-        y = x * self.skip_scale * self.ssm(x)
-        if self.channel_affinity is not None:
-            y = y * self.channel_affinity(x.mean(dim=(1, 2)))[:, None, None, :]
-        return self.proj(self.norm(y))
+        affinity = (None if self.channel_affinity is None
+                    else self.channel_affinity(x.mean(dim=(1, 2))))
+        # LayerNorm(x * skip_scale * ssm(x) * affinity), the products and the norm in one pass.
+        y = modulate_norm(x, self.ssm(x), self.skip_scale, affinity, self.norm.weight,
+                          self.norm.bias, self.norm.eps)
+        return self.proj(y)
 
 
 class FFN(nn.Module):

@@ -2,6 +2,8 @@
 
 - :func:`group_norm_gate`: the SS2D output's per-group LayerNorm times ``SiLU(z)``; on CUDA one
   Triton kernel each way (:mod:`.triton.norm_gate`);
+- :func:`modulate_norm`: the GroupMamba layer's tail, ``LayerNorm(x * skip_scale * m *
+  affinity)``; on CUDA one Triton kernel each way (:mod:`.triton.modulate_norm`);
 - :func:`ffn`: the FFN (fc1, depthwise 3x3 convolution, GELU, fc2), keeping only its input.
 
 Each picks its implementation by what records the graph: eager autograd gets an
@@ -11,6 +13,7 @@ itself; the FFN's hidden map is still recomputed, through activation checkpointi
 autograd, plain operators are what tracers (the FLOPs counter) understand. The ``*_ref``
 functions are those plain operators, the references of the tests.
 """
+import importlib
 from typing import Optional
 
 import torch
@@ -20,7 +23,8 @@ import torch.utils.checkpoint as cp
 from ._tracing import traced
 from .depthwise_conv import depthwise_conv2d
 
-__all__ = ['group_norm_gate', 'group_norm_gate_ref', 'ffn', 'ffn_ref']
+__all__ = ['group_norm_gate', 'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref', 'ffn',
+           'ffn_ref']
 
 
 def _records_eager_backward() -> bool:
@@ -44,7 +48,7 @@ def group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias
         runs ``layer_norm``). Eager training keeps y, z and the statistics for backward; plain
         autograd would keep three float32 copies of y as well.
     """
-    kernels = _norm_gate_kernels(y, backend)
+    kernels = _kernels('norm_gate', 'group_norm_gate', y, backend)
     if _records_eager_backward():
         return _GroupNormGate.apply(y, z, weight, bias, eps, kernels)
     if kernels is not None and not traced():
@@ -52,23 +56,24 @@ def group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias
     return group_norm_gate_ref(y, z, weight, bias, eps)
 
 
-def _norm_gate_kernels(y: torch.Tensor, backend: Optional[str]):
-    """The Triton module where it applies and ``backend`` allows, else None."""
+def _kernels(module: str, function: str, x: torch.Tensor, backend: Optional[str]):
+    """The Triton module ``ops.triton.<module>`` for ``function``'s input ``x``, where it applies
+    and ``backend`` allows, else None."""
     if backend not in (None, 'torch', 'triton'):
         raise ValueError(f"backend must be None (by device), 'torch' or 'triton', got {backend!r}")
     reason = None
-    if y.device.type != 'cuda':
-        reason = f'y is on {y.device.type}; the Triton kernels run on CUDA'
-    elif y.dtype == torch.float64:
+    if x.device.type != 'cuda':
+        reason = f'the input is on {x.device.type}; the Triton kernels run on CUDA'
+    elif x.dtype == torch.float64:
         reason = 'float64 maps; the kernels take 16- and 32-bit floats'
     else:
         try:
-            from .triton import norm_gate
+            kernels = importlib.import_module(f'.triton.{module}', __package__)
         except ImportError as error:
             reason = f'Triton does not import ({error})'
     if backend == 'triton' and reason is not None:
-        raise ValueError(f"group_norm_gate(backend='triton') cannot run here: {reason}")
-    return None if backend == 'torch' or reason is not None else norm_gate
+        raise ValueError(f"{function}(backend='triton') cannot run here: {reason}")
+    return None if backend == 'torch' or reason is not None else kernels
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +132,84 @@ class _GroupNormGate(torch.autograd.Function):
                          - y_hat * (grad_hat * y_hat).mean(dim=2, keepdim=True))
         return (grad_y.to(y.dtype), grad_z.to(z.dtype), grad_weight.to(weight.dtype),
                 grad_bias.to(bias.dtype), None, None)
+
+
+def modulate_norm(x: torch.Tensor, m: torch.Tensor, skip_scale: torch.Tensor,
+                  affinity: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                  eps: float, *, backend: Optional[str] = None) -> torch.Tensor:
+    """LayerNorm over the channels of ``x * skip_scale * m * affinity``.
+
+    Args:
+        x, m: (B, H, W, C) tokens, any strides (the mixer's output ``m`` is channel-major).
+        skip_scale: (1,).
+        affinity: (B, C) channel weights, or None (ones).
+        weight, bias, eps: the LayerNorm's.
+        backend: as for :func:`group_norm_gate`.
+
+    Returns:
+        (B, H, W, C) in the autocast dtype under autocast (what a following Linear takes), else
+        in x's. Eager training on CUDA keeps x, m, the affinity and the statistics for backward;
+        plain autograd keeps three more full maps (the partial products and the norm's input).
+    """
+    kernels = _kernels('modulate_norm', 'modulate_norm', x, backend)
+    if kernels is None or traced():
+        return modulate_norm_ref(x, m, skip_scale, affinity, weight, bias, eps)
+    if torch.is_grad_enabled():
+        return _ModulateNorm.apply(x, m, skip_scale, affinity, weight, bias, eps, kernels)
+    out, _, _ = kernels.forward(_token_rows(x), _token_rows(m), skip_scale, affinity, weight,
+                                bias, eps, _out_dtype(x))
+    return _token_map(out, x.shape)
+
+
+def modulate_norm_ref(x, m, skip_scale, affinity, weight, bias, eps):
+    """:func:`modulate_norm` in plain operators (float32 under autocast, as ``layer_norm``)."""
+    y = x * skip_scale * m
+    if affinity is not None:
+        y = y * affinity[:, None, None, :]
+    return F.layer_norm(y, (x.shape[-1], ), weight, bias, eps)
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> a (B, L, C) view of the same memory (a copy where H and W do not merge)."""
+    B, H, W, C = x.shape
+    if x.stride(1) != W * x.stride(2):
+        x = x.contiguous()
+    return x.as_strided((B, H * W, C), (x.stride(0), x.stride(2), x.stride(3)))
+
+
+def _token_map(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`_token_rows`: (B, L, C) -> a (B, H, W, C) view."""
+    B, H, W, C = shape
+    s_b, s_t, s_c = rows.stride()
+    return rows.as_strided((B, H, W, C), (s_b, W * s_t, s_t, s_c))
+
+
+class _ModulateNorm(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, m, skip_scale, affinity, weight, bias, eps, kernels):
+        x_rows, m_rows = _token_rows(x), _token_rows(m)
+        out, mean, rstd = kernels.forward(x_rows, m_rows, skip_scale, affinity, weight, bias,
+                                          eps, _out_dtype(x))
+        ctx.save_for_backward(x_rows, m_rows, skip_scale, affinity, weight, mean, rstd)
+        ctx.kernels, ctx.shape, ctx.bias_dtype = kernels, x.shape, bias.dtype
+        return _token_map(out, x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, m, skip_scale, affinity, weight, mean, rstd = ctx.saved_tensors
+        grad_x, grad_m, grad_skip, grad_affinity, grad_weight, grad_bias = ctx.kernels.backward(
+            _token_rows(grad_out), x, m, skip_scale, affinity, weight, mean, rstd)
+        return (_token_map(grad_x, ctx.shape), _token_map(grad_m, ctx.shape),
+                grad_skip.to(skip_scale.dtype),
+                None if grad_affinity is None else grad_affinity.to(affinity.dtype),
+                grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype), None, None)
 
 
 def ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,

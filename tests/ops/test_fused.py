@@ -7,9 +7,10 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmgroupmamba.ops.fused import (_FFN, _GroupNormGate, ffn, ffn_ref, group_norm_gate,
-                                    group_norm_gate_ref)
+                                    group_norm_gate_ref, modulate_norm, modulate_norm_ref)
 
 
 def test_memory_lean_functions_match_plain_autograd():
@@ -17,7 +18,6 @@ def test_memory_lean_functions_match_plain_autograd():
     gate) give the gradients of the plain operators: exactly in float64 (gradcheck; with and
     without the convolution and its bias), and within bf16 rounding under autocast."""
     torch.manual_seed(0)
-    F = torch.nn.functional
     double = dict(dtype=torch.double, requires_grad=True)
     x = torch.randn(2, 3, 5, 6, **double)
     w1, b1 = torch.randn(16, 6, **double), torch.randn(16, **double)
@@ -157,3 +157,101 @@ def test_norm_gate_triton_matches_torch_on_gpu(case, dtype):
     for got, ref in zip(*results):
         assert got.dtype == ref.dtype
         assert ((got.double() - ref.double()).norm() / ref.double().norm()) < tol
+
+
+# (B, H, W, C, with affinity): C below, at and above a power of two; tokens in one and several
+# programs.
+MODULATE_NORM_CASES = [(2, 3, 5, 6, True), (1, 7, 9, 64, True), (2, 2, 3, 87, False),
+                       (1, 33, 40, 16, True)]
+
+
+def modulate_norm_case(B, H, W, C, with_affinity, dtype=torch.float32, device='cpu'):
+    """x channels-last and m channel-major in ``dtype`` (as in the model), the rest float32."""
+    x = torch.randn(B, H, W, C, device=device).to(dtype)
+    m = torch.randn(B, C, H, W, device=device).to(dtype).permute(0, 2, 3, 1)
+    affinity = torch.rand(B, C, device=device) if with_affinity else None
+    params = [torch.tensor([0.7], device=device), affinity,
+              torch.randn(C, device=device), torch.randn(C, device=device)]
+    return x, m, *params, torch.randn(B, H, W, C, device=device).to(dtype)
+
+
+def check_modulate_norm(got, ref, dtype):
+    """Relative errors of output and gradients. skip_scale's gradient is near zero (LayerNorm
+    does not see the scale of its input; only eps does), hence an absolute bound there."""
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a.shape == b.shape, (i, a.shape, b.shape)
+        if i == 3:
+            assert abs(a.item() - b.item()) < 100 * tol, (i, a.item(), b.item())
+        else:
+            assert ((a.double() - b.double()).norm() / b.double().norm()) < tol, i
+
+
+def run_modulate_norm(fn, x, m, skip_scale, affinity, weight, bias, grad_out, double=False):
+    cast = (lambda t: t.double()) if double else (lambda t: t)
+    inputs = [None if t is None else cast(t).detach().requires_grad_()
+              for t in (x, m, skip_scale, affinity, weight, bias)]
+    out = fn(*inputs)
+    needed = [t for t in inputs if t is not None]
+    return [out, *torch.autograd.grad(out, needed, cast(grad_out).to(out.dtype))]
+
+
+def test_modulate_norm_reference_and_backend_choice():
+    x, m, skip_scale, affinity, weight, bias, _ = modulate_norm_case(2, 3, 4, 8, True)
+    expected = F.layer_norm(x * skip_scale * m * affinity[:, None, None, :], (8, ), weight,
+                            bias, 1e-5)
+    torch.testing.assert_close(modulate_norm_ref(x, m, skip_scale, affinity, weight, bias, 1e-5),
+                               expected)
+    torch.testing.assert_close(
+        modulate_norm(x, m, skip_scale, affinity, weight, bias, 1e-5, backend='torch'), expected)
+    with pytest.raises(ValueError, match=r"modulate_norm\(backend='triton'\) cannot run"):
+        modulate_norm(x, m, skip_scale, affinity, weight, bias, 1e-5, backend='triton')
+
+
+MODULATE_NORM_INTERPRETER_CHECK = textwrap.dedent('''
+    import sys
+    import torch
+    sys.path.insert(0, 'tests/ops')
+    from test_fused import (MODULATE_NORM_CASES, check_modulate_norm, modulate_norm_case,
+                            run_modulate_norm)
+    from mmgroupmamba.ops import fused
+    from mmgroupmamba.ops.triton import modulate_norm as kernels
+    torch.manual_seed(0)
+    for case in MODULATE_NORM_CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            x, m, *params, grad_out = modulate_norm_case(*case, dtype=dtype)
+            got = run_modulate_norm(lambda *a: fused._ModulateNorm.apply(*a, 1e-5, kernels),
+                                    x, m, *params, grad_out)
+            ref = run_modulate_norm(lambda *a: fused.modulate_norm_ref(*a, 1e-5), x, m, *params,
+                                    grad_out, double=True)
+            check_modulate_norm(got, ref, dtype)
+            assert got[2].stride() == m.stride() and got[1].stride() == x.stride(), case
+    print('ok')
+''')
+
+
+def test_modulate_norm_kernels_in_interpreter():
+    """The kernels (forward, the six gradients in their inputs' layouts) against the float64
+    operators, run on the CPU by Triton's interpreter."""
+    triton = pytest.importorskip('triton')
+    if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 7):
+        pytest.skip("Triton < 3.7's interpreter fails on some kernels the GPU runs")
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, '-c', MODULATE_NORM_INTERPRETER_CHECK], env=env,
+                            cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
+
+
+@requires_cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('case', MODULATE_NORM_CASES + [(128, 56, 56, 64, True),
+                                                        (2, 50, 76, 448, True)])
+def test_modulate_norm_triton_matches_torch_on_gpu(case, dtype):
+    torch.manual_seed(0)
+    x, m, *params, grad_out = modulate_norm_case(*case, dtype=dtype, device='cuda')
+    got = run_modulate_norm(lambda *a: modulate_norm(*a, 1e-5, backend='triton'), x, m, *params,
+                            grad_out)
+    ref = run_modulate_norm(lambda *a: modulate_norm_ref(*a, 1e-5), x, m, *params, grad_out,
+                            double=True)
+    check_modulate_norm(got, ref, dtype)
