@@ -99,8 +99,9 @@ def compiled(fn: Callable, mode: str = 'default', backend='inductor') -> Callabl
 
 
 # Inductor options switched off for this model: option -> the failure it avoids (the torch
-# version it was seen with). tests/models/test_compiling.py compiles with each one back on and
-# expects its failure; once torch fixes one, that test fails and names the entry to delete.
+# version it was seen with). tests/models/test_compiling_workarounds.py compiles with each one
+# back on and expects its failure; once torch fixes one, that test fails and names the entry to
+# delete.
 INDUCTOR_WORKAROUNDS = {
     'triton.coalesce_tiling_analysis':
         'an internal assertion of the coalescing analysis trips on the stage graphs (torch 2.11)',
