@@ -2,6 +2,8 @@
 import functools
 import http.server
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -10,6 +12,27 @@ import torch
 # A GroupMamba small enough for CPU tests, with two blocks in one stage.
 SMALL_ARCH = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), stem_channels=8,
                   mlp_ratios=(2, 2, 2, 2))
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_in_triton_interpreter(script: str) -> None:
+    """Runs ``script`` (which prints 'ok' at its end) in a fresh Python with Triton's CPU
+    interpreter (``TRITON_INTERPRET`` must be set before triton is imported), from the repository
+    root; fails with the script's error. Skips where Triton is missing or older than 3.7, whose
+    interpreter fails on loops bounded by kernel arguments."""
+    triton = pytest.importorskip('triton')
+    if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 7):
+        pytest.skip("Triton < 3.7's interpreter fails on loops bounded by kernel arguments "
+                    "('only 0-dimensional arrays can be converted to Python scalars')")
+    # The scripts import test modules, which import this one.
+    path = os.pathsep.join(filter(None, [os.path.join(REPO_ROOT, 'tests'),
+                                         os.environ.get('PYTHONPATH')]))
+    result = subprocess.run([sys.executable, '-c', script],
+                            env=dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=path),
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
 
 
 def randomize(model, seed=0):

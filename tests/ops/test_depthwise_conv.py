@@ -1,15 +1,13 @@
 """The depthwise convolution op: PyTorch path, operator registration, Triton kernels (through
 Triton's interpreter on the CPU, natively on a GPU), input checks."""
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_in_triton_interpreter
 from mmgroupmamba.ops import depthwise_conv2d
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
@@ -160,18 +158,9 @@ INTERPRETER_CHECK = textwrap.dedent('''
 
 
 def test_triton_kernels_in_interpreter():
-    """The Triton kernels (forward, input and weight gradients) against float64 ``F.conv2d``, run
-    on the CPU by Triton's interpreter."""
-    triton = pytest.importorskip('triton')
-    if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 7):
-        pytest.skip("Triton < 3.7's interpreter fails on loops bounded by kernel arguments "
-                    "('only 0-dimensional arrays can be converted to Python scalars')")
-    # TRITON_INTERPRET must be set before triton is imported, hence the fresh interpreter.
-    env = dict(os.environ, TRITON_INTERPRET='1')
-    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, '-c', INTERPRETER_CHECK], env=env, cwd=repo_root,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
+    """The Triton kernels (forward, activations, input and weight gradients) against float64
+    ``F.conv2d``, run on the CPU by Triton's interpreter."""
+    run_in_triton_interpreter(INTERPRETER_CHECK)
 
 
 @requires_cuda

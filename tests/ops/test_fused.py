@@ -1,14 +1,12 @@
 """The fused pieces of the GroupMamba block (``mmgroupmamba.ops.fused``): PyTorch paths, the
 norm-gate Triton kernels (through Triton's interpreter on the CPU, natively on a GPU)."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_in_triton_interpreter
 from mmgroupmamba.ops.fused import (_FFN, _GroupNormGate, ffn, ffn_ref, group_norm_gate,
                                     group_norm_gate_ref, modulate_norm, modulate_norm_ref)
 
@@ -129,15 +127,7 @@ NORM_GATE_INTERPRETER_CHECK = textwrap.dedent('''
 def test_norm_gate_kernels_in_interpreter():
     """The norm-gate kernels (forward, all four gradients) against the float64 operators, in
     float32 and bfloat16, run on the CPU by Triton's interpreter."""
-    triton = pytest.importorskip('triton')
-    if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 7):
-        pytest.skip("Triton < 3.7's interpreter fails on some kernels the GPU runs")
-    # TRITON_INTERPRET must be set before triton is imported, hence the fresh interpreter.
-    env = dict(os.environ, TRITON_INTERPRET='1')
-    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, '-c', NORM_GATE_INTERPRETER_CHECK], env=env,
-                            cwd=repo_root, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
+    run_in_triton_interpreter(NORM_GATE_INTERPRETER_CHECK)
 
 
 @requires_cuda
@@ -233,14 +223,7 @@ MODULATE_NORM_INTERPRETER_CHECK = textwrap.dedent('''
 def test_modulate_norm_kernels_in_interpreter():
     """The kernels (forward, the six gradients in their inputs' layouts) against the float64
     operators, run on the CPU by Triton's interpreter."""
-    triton = pytest.importorskip('triton')
-    if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 7):
-        pytest.skip("Triton < 3.7's interpreter fails on some kernels the GPU runs")
-    env = dict(os.environ, TRITON_INTERPRET='1')
-    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, '-c', MODULATE_NORM_INTERPRETER_CHECK], env=env,
-                            cwd=repo_root, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
+    run_in_triton_interpreter(MODULATE_NORM_INTERPRETER_CHECK)
 
 
 @requires_cuda

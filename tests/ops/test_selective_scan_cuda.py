@@ -3,9 +3,6 @@
 The CUDA tests need a GPU; ``test_interpreter_matches_reference`` runs the same kernels on the CPU
 through Triton's interpreter (small shapes, short chunks so that the carry between chunks is used).
 """
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,15 +10,13 @@ import torch
 
 triton = pytest.importorskip('triton')
 
+from conftest import run_in_triton_interpreter  # noqa: E402
 from mmgroupmamba.ops import selective_scan, torch_scan  # noqa: E402
 from mmgroupmamba.ops.triton import scan as triton_scan  # noqa: E402
 from mmgroupmamba.ops.triton import scan_n1 as triton_scan_n1  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 
-
-def _triton_version():
-    return tuple(int(part) for part in triton.__version__.split('.')[:2])
 
 # (dims per group, L) of the four stages at 224 x 224; four groups, one per scan direction.
 STAGES = {
@@ -213,16 +208,8 @@ INTERPRETER_CHECK = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.skipif(_triton_version() < (3, 7),
-                    reason="Triton < 3.7's interpreter fails on the general-N kernel's launch "
-                           "('only 0-dimensional arrays can be converted to Python scalars')")
 def test_interpreter_matches_reference():
-    # TRITON_INTERPRET must be set before triton is imported, hence the fresh interpreter.
-    env = dict(os.environ, TRITON_INTERPRET='1')
-    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, '-c', INTERPRETER_CHECK], env=env, cwd=repo_root,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
+    run_in_triton_interpreter(INTERPRETER_CHECK)
 
 
 def test_saved_shapes_match_the_launch_plans():
