@@ -152,9 +152,13 @@ class GroupedSS2D(nn.Module):
         # Group-major, channel-major (B, G, d, L) from the input projection to the output
         # projection: the layout of the scan and of the depthwise convolution, in which every
         # projection is one batched matmul over the groups. The layout change costs one copy of
-        # the normalised input (fused into the LayerNorm under torch.compile); the output stays a
-        # channel-major view that the elementwise ops after the mixer read in place.
-        tokens = x.reshape(B, L, G, d).permute(0, 2, 3, 1).contiguous()
+        # the normalised input, made in the matmuls' dtype (under autocast each matmul would
+        # otherwise cast its own copy); the output stays a channel-major view that the layer's
+        # tail reads in place.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        tokens = x.reshape(B, L, G, d).permute(0, 2, 3, 1).to(
+            dtype, memory_format=torch.contiguous_format)
         u = torch.matmul(self.in_proj_weight[:, :d], tokens)
         z = torch.matmul(self.in_proj_weight[:, d:], tokens)
         u = depthwise_conv2d(u.view(B, C, H, W), self.conv.weight, self.conv.bias,
