@@ -48,16 +48,24 @@ def main():
     batches = (args.batch_size, 2 * args.batch_size)
 
     def forward(batch):
+        """The training forward's loss (backward comes after the measurement: what it saves
+        while recomputing is transient)."""
         images = torch.randn(batch, 3, args.image_size, args.image_size, device=args.device)
         with torch.autocast(images.device.type, dtype=dtype or torch.float32,
                             enabled=dtype is not None):
             logits, dist_logits = model(images)
-        (logits.float().mean() + dist_logits.float().mean()).backward()
+        return logits.float().mean() + dist_logits.float().mean()
+
+    def measure(batch):
+        losses = []
+        saved = saved_for_backward(lambda: losses.append(forward(batch)),
+                                   exclude=model.parameters())
+        losses.pop().backward()
+        return saved
 
     for batch in batches:
-        forward(batch)  # compiles
-    small, large = (saved_for_backward(lambda: forward(batch), exclude=model.parameters())
-                    for batch in batches)
+        forward(batch).backward()  # compiles
+    small, large = (measure(batch) for batch in batches)
     per_image, fixed = per_image_bytes(small, large, *batches)
     print(f'{args.arch}, {args.image_size}x{args.image_size}, amp {args.amp}, '
           f'{"compiled" if args.compile else "eager"}, {args.device}: saved for backward '
