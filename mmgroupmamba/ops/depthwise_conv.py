@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ._tracing import traced
+from ._tracing import traced, triton_runs_on
 
 
 # Activations that may follow the convolution: name -> (function, its backward).
@@ -180,7 +180,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _triton_unavailable(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
     """Why the Triton kernels cannot run this convolution, or None if they can: they take
     3 x 3 kernels on CUDA maps of 16- and 32-bit floats."""
-    if x.device.type != 'cuda':
+    if not triton_runs_on(x.device):
         return f'x is on {x.device.type}; the Triton kernels run on CUDA'
     if x.dtype == torch.float64:
         return 'float64 maps; the kernels take 16- and 32-bit floats'

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
-from ._tracing import traced
+from ._tracing import traced, triton_runs_on
 from .depthwise_conv import depthwise_conv2d
 
 __all__ = ['group_norm_gate', 'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref', 'ffn',
@@ -62,7 +62,7 @@ def _kernels(module: str, function: str, x: torch.Tensor, backend: Optional[str]
     if backend not in (None, 'torch', 'triton'):
         raise ValueError(f"backend must be None (by device), 'torch' or 'triton', got {backend!r}")
     reason = None
-    if x.device.type != 'cuda':
+    if not triton_runs_on(x.device):
         reason = f'the input is on {x.device.type}; the Triton kernels run on CUDA'
     elif x.dtype == torch.float64:
         reason = 'float64 maps; the kernels take 16- and 32-bit floats'

@@ -43,7 +43,7 @@ import torch
 
 from . import torch_scan
 from ._directions import MAX_KERNEL_GROUPS, SCAN_DIRECTIONS
-from ._tracing import traced
+from ._tracing import traced, triton_runs_on
 
 
 def selective_scan(u: torch.Tensor,
@@ -232,7 +232,7 @@ def _backend_name(backend: Optional[str]) -> str:
 
 def _triton_unavailable(device: torch.device, groups: int) -> Optional[str]:
     """Why the Triton kernels cannot run this scan, or None if they can."""
-    if device.type != 'cuda':
+    if not triton_runs_on(device):
         return f'the inputs are on {device.type}; the Triton kernels run on CUDA'
     if groups > MAX_KERNEL_GROUPS:
         return f'{groups} direction groups; the kernels take at most {MAX_KERNEL_GROUPS}'
