@@ -1,15 +1,16 @@
 r"""Throughput and memory of GroupMamba classifiers next to timm's Swin-T and ConvNeXt-T.
 
-    python benchmarks/benchmark_classifier.py --eager   # every model eager; batch 128, 224x224
-    python benchmarks/benchmark_classifier.py --compile-mode reduce-overhead  # all compiled
-    python benchmarks/benchmark_classifier.py --eager --models gm_t --teacher regnety_160
+    python benchmarks/benchmark_classifier.py   # every model eager, then compiled; batch 128
+    python benchmarks/benchmark_classifier.py --modes eager reduce-overhead --models gm_t swin_t
+    python benchmarks/benchmark_classifier.py --modes eager --models gm_t --teacher regnety_160
 
 Training = forward, loss, backward and AdamW step under bf16 autocast; inference = eval-mode
 forward in bf16 (autocast) and in fp32. Random inputs; median of timed windows after warm-up.
-Every model runs the same way, so rows compare like for like: eager with ``--eager``, otherwise
-compiled in ``--compile-mode`` on CUDA (GroupMamba through its ``torch_compile`` option, its
-backbone as one graph; timm's models through ``torch.compile`` as a whole; ``reduce-overhead``
-replays CUDA graphs). The warm-up column is the time of the warm-up steps (compilation included)
+Every model runs in every one of ``--modes``, so rows of one mode compare like for like:
+``eager``, or compiled in that ``torch.compile`` mode on CUDA (GroupMamba through its
+``torch_compile`` option, its backbone as one graph; timm's models through ``torch.compile`` as a
+whole; ``reduce-overhead`` replays CUDA graphs). After the table, each GroupMamba's rates as a
+ratio of each peer's, mode by mode. The warm-up column is the time of the warm-up steps (compilation included)
 of the training measurement. ``--teacher`` adds training rows with a distillation teacher's
 no-grad forward (eager).
 """
@@ -50,9 +51,9 @@ def parse_args():
     parser.add_argument('--teacher', default=None,
                         help='timm name of a distillation teacher: adds "+ teacher" training rows')
     parser.add_argument('--skip', nargs='*', default=[], choices=['train', 'bf16', 'fp32'])
-    parser.add_argument('--eager', action='store_true', help='every model without torch.compile')
-    parser.add_argument('--compile-mode', default='default', choices=COMPILE_MODES,
-                        help="every model's torch.compile mode ('reduce-overhead': CUDA graphs)")
+    parser.add_argument('--modes', nargs='+', default=['eager', 'default'],
+                        choices=['eager', *COMPILE_MODES],
+                        help="'eager' and/or torch.compile modes ('reduce-overhead': CUDA graphs)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', help='also write the results as JSON to this file')
     return parser.parse_args()
@@ -62,9 +63,9 @@ def main():
     args = parse_args()
     setting = dict(batch_size=args.batch_size, image_size=args.image_size, device=args.device)
     rows = []
-    compile_mode = False if args.eager else args.compile_mode
-    for name in args.models:
-        row = dict(model=f"{name} ({'eager' if args.eager else args.compile_mode})")
+    for mode, name in [(mode, name) for mode in args.modes for name in args.models]:
+        row = dict(model=f'{name} ({mode})', name=name, mode=mode)
+        compile_mode = False if mode == 'eager' else mode
 
         def build():
             return build_model(name, compile_mode, args.device)
@@ -84,8 +85,8 @@ def main():
         if args.teacher and 'train' not in args.skip:
             teacher = timm.create_model(args.teacher)
             train = measure_training(build(), teacher=teacher, steps=args.steps, **setting)
-            rows.append(dict(model=f'{name} + {args.teacher}', train_img_s=train['images_per_s'],
-                             train_peak_gib=train['peak_gib']))
+            rows.append(dict(model=f'{name} + {args.teacher} ({mode})',
+                             train_img_s=train['images_per_s'], train_peak_gib=train['peak_gib']))
             print(json.dumps(rows[-1]), flush=True)
             del teacher
 
@@ -101,9 +102,28 @@ def main():
             '-' if row.get(c) is None else f'{row[c]:.1f}' for c in columns[1:]
         ]
         print('| ' + ' | '.join(cells) + ' |')
+    for line in ratio_lines(rows, columns[1:-1]):
+        print(line)
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(rows, f, indent=1)
+
+
+def ratio_lines(rows, columns):
+    """'gm_t / swin_t (eager): train_img_s 0.36x, ...' for each GroupMamba and peer measured in
+    the same mode (rows as ``main`` builds them)."""
+    by_key = {(row['name'], row['mode']): row for row in rows if 'name' in row}
+    lines = []
+    for (name, mode), row in by_key.items():
+        for peer in PEERS:
+            other = by_key.get((peer, mode))
+            if name not in GROUPMAMBA or other is None:
+                continue
+            ratios = [f'{c} {row[c] / other[c]:.2f}x' for c in columns
+                      if row.get(c) and other.get(c)]
+            if ratios:
+                lines.append(f'{name} / {peer} ({mode}): ' + ', '.join(ratios))
+    return lines
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""The classifier benchmark builds every model the same way: eager, or compiled in one mode."""
+"""The classifier benchmark builds every model the same way in each mode (eager, or compiled in
+one mode), and compares models only within a mode."""
 import pytest
 import torch
 
@@ -34,3 +35,14 @@ def test_eager_rows_compile_nothing(compiled):
     # GroupMamba runs eagerly on the CPU whatever torch_compile says; so does its peer.
     benchmark_classifier.build_model('swin_t', 'default', 'cpu')
     assert compiled == []
+
+
+def test_ratios_compare_within_a_mode():
+    rows = [dict(name='gm_t', mode='eager', train_img_s=700., train_peak_gib=14.),
+            dict(name='swin_t', mode='eager', train_img_s=1400., train_peak_gib=7.),
+            dict(name='gm_t', mode='default', train_img_s=1500.),
+            dict(name='swin_t', mode='default', train_img_s=3000.),
+            dict(name='convnext_t', mode='default', train_img_s=None)]
+    lines = benchmark_classifier.ratio_lines(rows, ['train_img_s', 'train_peak_gib'])
+    assert lines == ['gm_t / swin_t (eager): train_img_s 0.50x, train_peak_gib 2.00x',
+                     'gm_t / swin_t (default): train_img_s 0.50x']
