@@ -183,9 +183,11 @@ def _row_major(directions) -> bool:
 
 
 @triton.jit
-def _program_coords(dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, bias_ptr,
-                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Which channels/group/image this program owns, their parameters, and their row offsets."""
+def _program_coords(dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, bias_ptr, dir_code,
+                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_MAJOR: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which channels/group/image this program owns, the group's direction, the channels'
+    parameters, and their row offsets."""
     b, g, d_block, chan, d_mask = program_channels(groups, dim_per_group, n_dblocks, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -195,7 +197,8 @@ def _program_coords(dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, b
     # int64 row starts: batch * dim * L passes 2**31 on large detection batches.
     row = (b * dim + chan).to(tl.int64) * L
     bc_row = ((b * groups + g) * N + offs_n).to(tl.int64) * L
-    return b, g, d_block, chan, d_mask, offs_n, n_mask, dn_mask, A, D, bias, row, bc_row
+    direction = group_direction(dir_code, g, ROW_MAJOR)
+    return b, g, d_block, direction, chan, d_mask, offs_n, n_mask, dn_mask, A, D, bias, row, bc_row
 
 
 @triton.jit(do_not_specialize=['L', 'H', 'W', 'dir_code'])
@@ -207,10 +210,9 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir
     # L is a multiple of VEC (the caller checked): saying so lets the compiler prove rows and the
     # masks t < L 16-byte aligned, hence vectorised loads, without specialising on L itself.
     L = (L // VEC) * VEC
-    b, g, d_block, chan, d_mask, offs_n, n_mask, dn_mask, A, D, bias, row, bc_row = _program_coords(
-        dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, bias_ptr,
-        HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
-    direction = group_direction(dir_code, g, ROW_MAJOR)
+    (b, g, d_block, direction, chan, d_mask, offs_n, n_mask, dn_mask, A, D, bias, row,
+     bc_row) = _program_coords(dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, bias_ptr,
+                               dir_code, HAS_D, HAS_BIAS, ROW_MAJOR, BLOCK_D, BLOCK_N)
     lane = tl.arange(0, BLOCK_L)
     n_chunks = tl.cdiv(L, BLOCK_L)
     state_rows = ((b * dim + chan)[:, None].to(tl.int64) * n_chunks) * N + offs_n[None, :]
@@ -247,13 +249,10 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir
                      HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    # L is a multiple of VEC (the caller checked): saying so lets the compiler prove rows and the
-    # masks t < L 16-byte aligned, hence vectorised loads, without specialising on L itself.
-    L = (L // VEC) * VEC
-    b, g, d_block, chan, d_mask, offs_n, n_mask, dn_mask, A, D, bias, row, bc_row = _program_coords(
-        dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, bias_ptr,
-        HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
-    direction = group_direction(dir_code, g, ROW_MAJOR)
+    L = (L // VEC) * VEC  # as in forward
+    (b, g, d_block, direction, chan, d_mask, offs_n, n_mask, dn_mask, A, D, bias, row,
+     bc_row) = _program_coords(dim, groups, dim_per_group, N, n_dblocks, L, A_ptr, D_ptr, bias_ptr,
+                               dir_code, HAS_D, HAS_BIAS, ROW_MAJOR, BLOCK_D, BLOCK_N)
     lane = tl.arange(0, BLOCK_L)
     state_rows = ((b * dim + chan)[:, None].to(tl.int64) * n_chunks) * N + offs_n[None, :]
     # This program's slice of the per-channel-block dB / dC partials.

@@ -210,15 +210,17 @@ def _bc_strides(x: torch.Tensor, L: int):
 
 @triton.jit
 def _program_coords(dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr,
-                    bias_ptr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Group, channels, their parameters, and the int64 row offsets of this program."""
+                    bias_ptr, dir_code, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ROW_MAJOR: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Group, its direction, channels, their parameters, and the int64 row offsets of this
+    program."""
     b, g, _, chan, d_mask = program_channels(groups, dim_per_group, n_dblocks, BLOCK_D)
     A = tl.load(A_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
     D, bias = skip_and_bias(chan, d_mask, D_ptr, bias_ptr, HAS_D, HAS_BIAS, BLOCK_D)
     # int64: batch * dim * L passes 2**31 on large detection batches.
     rows = (b * dim + chan).to(tl.int64)
     bc_row = (b.to(tl.int64) * bc_stride_b + g * bc_stride_g) * L
-    return g, chan, d_mask, A, D, bias, rows, bc_row
+    return g, group_direction(dir_code, g, ROW_MAJOR), chan, d_mask, A, D, bias, rows, bc_row
 
 
 @triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks', 'n_states', 'dir_code'])
@@ -231,10 +233,9 @@ def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
     # L is a multiple of VEC (the caller checked): saying so lets the compiler prove rows
     # 16-byte aligned, hence vectorised loads, without specialising on L itself.
     L = (L // VEC) * VEC
-    g, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
+    g, direction, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
         dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr,
-        HAS_D, HAS_BIAS, BLOCK_D)
-    direction = group_direction(dir_code, g, ROW_MAJOR)
+        dir_code, HAS_D, HAS_BIAS, ROW_MAJOR, BLOCK_D)
     row = rows * L
     state_row = rows * n_states
     lane = tl.arange(0, BLOCK_T)
@@ -323,10 +324,9 @@ def _scan_n1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
                         ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, ATOMIC_BC: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr):
     L = (L // VEC) * VEC
-    g, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
+    g, direction, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
         dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr,
-        HAS_D, HAS_BIAS, BLOCK_D)
-    direction = group_direction(dir_code, g, ROW_MAJOR)
+        dir_code, HAS_D, HAS_BIAS, ROW_MAJOR, BLOCK_D)
     row = rows * L
     lane = tl.arange(0, BLOCK_T)
     # dB / dC of this image and group, contiguous (batch, groups, 1, L) each.
