@@ -6,11 +6,14 @@ r"""Time of one training iteration and its peak memory for detection / segmentat
         mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py --shape 512 512
     python benchmarks/benchmark_iter.py mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py \
         configs/mask_rcnn/gm_t_1x_coco.py --steps 20 --detection-sizes 12
+    python benchmarks/benchmark_iter.py configs/mask_rcnn/gm_t_1x_coco.py \
+        mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py --eager --amp   # eager vs published
 
 Each iteration is the runner's own ``model.train_step`` with the config's optimizer wrapper
 (AmpOptimWrapper under --precision amp) on random images with random ground truth. Pretrained
 checkpoints are not loaded (the weights do not change the time). SyncBN becomes BN on one
-process. A backbone with ``torch_compile`` compiles during the warm-up steps.
+process. A backbone with ``torch_compile`` compiles during the warm-up steps; ``--eager`` runs
+GroupMamba backbones without it (the published Swin-T configs are eager as they are).
 
 ``--detection-sizes N`` then runs one iteration at each of N sizes as mmdet's 1333x800 resize
 and padding make them, as detection training changes size nearly every batch: per size, the
@@ -40,6 +43,8 @@ def main():
     parser.add_argument('--device', default=None)
     parser.add_argument('--detection-sizes', type=int, default=0, metavar='N',
                         help='then one iteration at each of N detection input sizes')
+    parser.add_argument('--eager', action='store_true',
+                        help='GroupMamba backbones without torch_compile (eager vs eager)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='overrides applied to every config, e.g. model.backbone.with_cp=True')
     args = parser.parse_args()
@@ -52,7 +57,7 @@ def main():
             result = measure_train_iteration(
                 config, tuple(args.shape), args.batch_size, amp=precision == 'amp',
                 steps=args.steps,
-                device=args.device, cfg_options=args.cfg_options, sizes=sizes,
+                device=args.device, cfg_options=args.cfg_options, sizes=sizes, eager=args.eager,
                 on_size=lambda row: print(f"  {row['size'][0]}x{row['size'][1]}: "
                                           f"{row['seconds']:.3f} s, {row['graphs']} graphs and "
                                           f"{row['kernels']} kernels compiled, "

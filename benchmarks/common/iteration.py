@@ -60,13 +60,18 @@ class TrainIteration:
     """One ``train_step`` of ``config``'s model (``cfg_options`` merged into the config first)
     with its optimizer wrapper, on a batch of ``batch_size`` random images with random ground
     truth: ``iteration()`` at ``shape``, ``iteration(size)`` at another (H, W). Each size's batch
-    is made on first use (or by ``batch(size)``) and kept. Attributes ``model`` and ``device``."""
+    is made on first use (or by ``batch(size)``) and kept. ``eager``: a GroupMamba backbone runs
+    without ``torch_compile`` (other backbones are left as their configs have them). Attributes
+    ``model`` and ``device``."""
 
     def __init__(self, config: str, shape: Tuple[int, int], batch_size: int, amp: bool = False,
-                 device: Optional[str] = None, cfg_options: Optional[dict] = None):
+                 device: Optional[str] = None, cfg_options: Optional[dict] = None,
+                 eager: bool = False):
         cfg = _load_config(config)
         if cfg_options:
             cfg.merge_from_dict(cfg_options)
+        if eager and cfg.model.backbone.get('type') == 'GroupMamba':
+            cfg.model.backbone.torch_compile = False
         scope = cfg.get('default_scope', 'mmdet')
         init_default_scope(scope)
         if scope == 'mmdet':
@@ -104,8 +109,8 @@ def measure_train_iteration(config: str, shape: Tuple[int, int], batch_size: int
                             device: Optional[str] = None,
                             cfg_options: Optional[dict] = None,
                             sizes: Sequence[Tuple[int, int]] = (),
-                            on_size: Optional[Callable[[dict], None]] = None
-                            ) -> Dict[str, object]:
+                            on_size: Optional[Callable[[dict], None]] = None,
+                            eager: bool = False) -> Dict[str, object]:
     """``seconds``: median seconds per iteration at ``shape``, ``peak_gib``: its peak GPU memory
     (None on the CPU), ``params_m``; arguments as :class:`TrainIteration`.
 
@@ -114,7 +119,7 @@ def measure_train_iteration(config: str, shape: Tuple[int, int], batch_size: int
     that ``torch.compile`` compiled during the iteration, ``kernels``: Triton binaries of the
     project's ops compiled during it, ``peak_gib``), each also passed to
     ``on_size`` as soon as it is measured (a compilation takes minutes)."""
-    iteration = TrainIteration(config, shape, batch_size, amp, device, cfg_options)
+    iteration = TrainIteration(config, shape, batch_size, amp, device, cfg_options, eager)
     device = iteration.device
     for _ in range(warmup):
         iteration()

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from common.iteration import measure_train_iteration, profile_train_iteration
+from common.iteration import TrainIteration, measure_train_iteration, profile_train_iteration
 from common.speed import profile_summary
 
 CONFIGS = Path(__file__).resolve().parents[2] / 'configs'
@@ -13,6 +13,16 @@ def test_measure_train_iteration_on_the_cpu():
     assert result['seconds'] > 0 and result['peak_gib'] is None
     assert 20 < result['params_m'] < 60
     assert result['sizes'] == []
+
+
+def test_eager_runs_a_compiled_config_without_torch_compile():
+    """The shipped Mask R-CNN config compiles its backbone; ``eager`` takes that away (and only
+    that: the published peers have no such option)."""
+    config = str(CONFIGS / 'mask_rcnn' / 'gm_t_1x_coco.py')
+    shipped = TrainIteration(config, (64, 64), 1, device='cpu')
+    assert shipped.model.backbone.compile_settings is not None
+    eager = TrainIteration(config, (64, 64), 1, device='cpu', eager=True)
+    assert eager.model.backbone.compile_settings is None
 
 
 def test_measure_train_iteration_follows_changing_sizes():
