@@ -17,7 +17,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ._tracing import traced, triton_runs_on
+from ._backends import check_backend, triton_unavailable
+from ._tracing import traced
 
 
 # Activations that may follow the convolution: name -> (function, its backward).
@@ -46,8 +47,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if activation is not None and activation not in _ACTIVATIONS:
         raise ValueError(f'activation must be None or one of {sorted(_ACTIVATIONS)}, got '
                          f'{activation!r}')
-    if backend not in (None, 'torch', 'triton'):
-        raise ValueError(f"backend must be None (by device), 'torch' or 'triton', got {backend!r}")
+    check_backend(backend)
     if backend == 'triton':
         reason = _triton_unavailable(x, weight)
         if reason is not None:
@@ -180,17 +180,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _triton_unavailable(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
     """Why the Triton kernels cannot run this convolution, or None if they can: they take
     3 x 3 kernels on CUDA maps of 16- and 32-bit floats."""
-    if not triton_runs_on(x.device):
-        return f'x is on {x.device.type}; the Triton kernels run on CUDA'
-    if x.dtype == torch.float64:
-        return 'float64 maps; the kernels take 16- and 32-bit floats'
-    if weight.shape[-1] != 3:
-        return f'{weight.shape[-1]} x {weight.shape[-1]} kernels; the Triton kernels are 3 x 3'
-    try:
-        from .triton import depthwise_conv  # noqa: F401
-    except ImportError as error:
-        return f'Triton does not import ({error})'
-    return None
+    reason = triton_unavailable(x.device, 'depthwise_conv')
+    if reason is None and x.dtype == torch.float64:
+        reason = 'float64 maps; the kernels take 16- and 32-bit floats'
+    if reason is None and weight.shape[-1] != 3:
+        reason = f'{weight.shape[-1]} x {weight.shape[-1]} kernels; the Triton kernels are 3 x 3'
+    return reason
 
 
 def _triton_for(x: torch.Tensor, weight: torch.Tensor, backend: str):

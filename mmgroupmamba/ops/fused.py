@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
-from ._tracing import traced, triton_runs_on
+from ._backends import check_backend, triton_unavailable
+from ._tracing import traced
 from .depthwise_conv import depthwise_conv2d
 
 __all__ = ['group_norm_gate', 'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref', 'ffn',
@@ -59,21 +60,15 @@ def group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias
 def _kernels(module: str, function: str, x: torch.Tensor, backend: Optional[str]):
     """The Triton module ``ops.triton.<module>`` for ``function``'s input ``x``, where it applies
     and ``backend`` allows, else None."""
-    if backend not in (None, 'torch', 'triton'):
-        raise ValueError(f"backend must be None (by device), 'torch' or 'triton', got {backend!r}")
-    reason = None
-    if not triton_runs_on(x.device):
-        reason = f'the input is on {x.device.type}; the Triton kernels run on CUDA'
-    elif x.dtype == torch.float64:
+    check_backend(backend)
+    reason = triton_unavailable(x.device, module)
+    if reason is None and x.dtype == torch.float64:
         reason = 'float64 maps; the kernels take 16- and 32-bit floats'
-    else:
-        try:
-            kernels = importlib.import_module(f'.triton.{module}', __package__)
-        except ImportError as error:
-            reason = f'Triton does not import ({error})'
     if backend == 'triton' and reason is not None:
         raise ValueError(f"{function}(backend='triton') cannot run here: {reason}")
-    return None if backend == 'torch' or reason is not None else kernels
+    if backend == 'torch' or reason is not None:
+        return None
+    return importlib.import_module(f'.triton.{module}', __package__)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,8 @@ import torch
 
 from . import torch_scan
 from ._directions import MAX_KERNEL_GROUPS, SCAN_DIRECTIONS
-from ._tracing import traced, triton_runs_on
+from ._backends import check_backend, triton_unavailable
+from ._tracing import traced
 
 
 def selective_scan(u: torch.Tensor,
@@ -225,22 +226,16 @@ _scan_fwd.register_autograd(_scan_backward, setup_context=_setup_context)
 
 def _backend_name(backend: Optional[str]) -> str:
     # The custom operators take the choice as a string: '' is automatic.
-    if backend not in (None, 'torch', 'triton'):
-        raise ValueError(f"backend must be None (by device), 'torch' or 'triton', got {backend!r}")
+    check_backend(backend)
     return backend or ''
 
 
 def _triton_unavailable(device: torch.device, groups: int) -> Optional[str]:
     """Why the Triton kernels cannot run this scan, or None if they can."""
-    if not triton_runs_on(device):
-        return f'the inputs are on {device.type}; the Triton kernels run on CUDA'
-    if groups > MAX_KERNEL_GROUPS:
-        return f'{groups} direction groups; the kernels take at most {MAX_KERNEL_GROUPS}'
-    try:
-        from .triton import scan  # noqa: F401
-    except ImportError as error:
-        return f'Triton does not import ({error})'
-    return None
+    reason = triton_unavailable(device, 'scan')
+    if reason is None and groups > MAX_KERNEL_GROUPS:
+        reason = f'{groups} direction groups; the kernels take at most {MAX_KERNEL_GROUPS}'
+    return reason
 
 
 def _backend_for(device: torch.device, backend_name: str, groups: int):
