@@ -52,15 +52,17 @@ def group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias
     kernels = _kernels('norm_gate', 'group_norm_gate', y, backend)
     if _records_eager_backward():
         return _GroupNormGate.apply(y, z, weight, bias, eps, kernels)
-    if kernels is not None and not traced():
+    if kernels is not None:
         return kernels.forward(_rows(y), _rows(z), weight, bias, eps)[0]
     return group_norm_gate_ref(y, z, weight, bias, eps)
 
 
 def _kernels(module: str, function: str, x: torch.Tensor, backend: Optional[str]):
     """The Triton module ``ops.triton.<module>`` for ``function``'s input ``x``, where it applies
-    and ``backend`` allows, else None."""
+    and ``backend`` allows, else None. Tracers get None: they take the plain operators."""
     check_backend(backend)
+    if traced():
+        return None
     reason = triton_unavailable(x.device, module)
     if reason is None and x.dtype == torch.float64:
         reason = 'float64 maps; the kernels take 16- and 32-bit floats'
@@ -147,7 +149,7 @@ def modulate_norm(x: torch.Tensor, m: torch.Tensor, skip_scale: torch.Tensor,
         plain autograd keeps three more full maps (the partial products and the norm's input).
     """
     kernels = _kernels('modulate_norm', 'modulate_norm', x, backend)
-    if kernels is None or traced():
+    if kernels is None:
         return modulate_norm_ref(x, m, skip_scale, affinity, weight, bias, eps)
     if torch.is_grad_enabled():
         return _ModulateNorm.apply(x, m, skip_scale, affinity, weight, bias, eps, kernels)
