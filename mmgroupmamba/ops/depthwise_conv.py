@@ -115,22 +115,48 @@ def _conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return [grad_x, grad_weight, x.new_empty(0) if grad_bias is None else grad_bias]
 
 
-def _backward_impl(grad_y, x, weight, bias, activation, backend):
+def conv_activation_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                             bias: Optional[torch.Tensor], activation: str, *,
+                             backend: Optional[str] = None):
+    """Backward of ``depthwise_conv2d(x, weight, bias, activation=activation)`` that also gives
+    back its output, recomputed by the pass that recomputes the convolution for the activation's
+    slope (on CUDA one stencil pass writes both).
+
+    For callers that keep only ``x`` and need the output again in backward: the FFN, whose fc2
+    weight gradient takes it. Outside autograd (it is a backward).
+
+    Returns:
+        ``(y, grad_x, grad_weight, grad_bias)``, y and grad_x like x, grad_bias None without bias.
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f'activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}')
+    check_backend(backend)
+    return _backward_impl(grad_y, x, weight, bias, activation, backend or '', with_output=True)
+
+
+def _backward_impl(grad_y, x, weight, bias, activation, backend, with_output=False):
     """``(grad_x, grad_weight, grad_bias)`` in the inputs' dtypes; grad_bias None without bias.
     With an activation, the gradient at the pre-activation comes first, from the convolution
-    recomputed."""
+    recomputed; ``with_output`` (an activation given) puts the recomputed output in front."""
     triton_impl = _triton_for(x, weight, backend)
     with_bias = bias is not None
+    y = None
     with torch.autocast(x.device.type, enabled=False):
         if triton_impl is not None:
             if activation:
-                grad_y = triton_impl.activation_grad(grad_y, x, weight, bias, activation)
+                grad_y = triton_impl.activation_grad(grad_y, x, weight, bias, activation,
+                                                     with_output=with_output)
+                if with_output:
+                    grad_y, y = grad_y
             grad_x, grad_weight, grad_bias = triton_impl.backward(grad_y, x, weight, with_bias)
         else:
             k, dtype = weight.shape[-1], _compute_dtype(x)
             if activation:
-                grad_y = _ACTIVATIONS[activation][1](grad_y.to(dtype),
-                                                     _torch_conv(x, weight, bias))
+                pre_activation = _torch_conv(x, weight, bias)
+                if with_output:
+                    y = _like(x, _ACTIVATIONS[activation][0](pre_activation))
+                grad_y = _ACTIVATIONS[activation][1](grad_y.to(dtype), pre_activation)
+                del pre_activation
             grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
                 grad_y.to(dtype), x.to(dtype), weight.to(dtype),
                 [weight.shape[0]] if with_bias else None,
@@ -141,7 +167,8 @@ def _backward_impl(grad_y, x, weight, bias, activation, backend):
     # In the weight's dtype and strides: the gradient of a channels-last convolution may stride
     # the size-1 input-channel axis differently, which DistributedDataParallel's gradient buckets
     # take for a layout mismatch (a warning and a copy per step).
-    return grad_x, torch.empty_like(weight).copy_(grad_weight), grad_bias
+    grads = (grad_x, torch.empty_like(weight).copy_(grad_weight), grad_bias)
+    return (y, ) + grads if with_output else grads
 
 
 @_conv_bwd.register_fake

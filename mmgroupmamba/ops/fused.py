@@ -22,7 +22,7 @@ import torch.utils.checkpoint as cp
 
 from ._backends import check_backend, triton_unavailable
 from ._tracing import traced
-from .depthwise_conv import depthwise_conv2d
+from .depthwise_conv import conv_activation_backward, depthwise_conv2d
 
 __all__ = ['group_norm_gate', 'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref', 'ffn',
            'ffn_ref']
@@ -282,20 +282,25 @@ class _FFN(torch.autograd.Function):
         x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight = ctx.saved_tensors
         dtype = x.dtype
         fc1_weight_c = fc1_weight.to(dtype)
-        conv = [None if t is None else t.detach().requires_grad_()
-                for t in (conv_weight, conv_bias)]
+        grad_conv_weight = grad_conv_bias = None
         with torch.autocast(x.device.type, enabled=False):
-            h = F.linear(x, fc1_weight_c, fc1_bias.to(dtype)).requires_grad_()
-            with torch.enable_grad():
-                act = _conv_gelu(h, *conv)
-            grad_act, grad_fc2_weight, grad_fc2_bias = _linear_backward(
-                grad_out.to(dtype), act.detach(), fc2_weight.to(dtype))
-            # Through the convolution's own backward, which recomputes its pre-activation.
-            needed = [h] + [t for t in conv if t is not None]
-            grads = iter(torch.autograd.grad(act, needed, grad_act))
-            grad_h = next(grads)
-            grad_conv_weight, grad_conv_bias = (None if t is None else next(grads) for t in conv)
-            del act, h, grad_act
+            grad_out = grad_out.to(dtype)
+            h = F.linear(x, fc1_weight_c, fc1_bias.to(dtype))
+            grad_act = grad_out @ fc2_weight.to(dtype)
+            # The activation (fc2's input, for its weight gradient) and the gradient at fc1's
+            # output come from one pass that recomputes the convolution.
+            if conv_weight is None:
+                act = F.gelu(h)
+                grad_h = torch.ops.aten.gelu_backward(grad_act, h)
+            else:
+                act, grad_h, grad_conv_weight, grad_conv_bias = conv_activation_backward(
+                    grad_act.permute(0, 3, 1, 2), h.permute(0, 3, 1, 2), conv_weight, conv_bias,
+                    'gelu')
+                act, grad_h = act.permute(0, 2, 3, 1), grad_h.permute(0, 2, 3, 1)
+            del h, grad_act
+            rows = grad_out.flatten(0, -2)
+            grad_fc2_weight, grad_fc2_bias = rows.t() @ act.flatten(0, -2), rows.sum(0)
+            del act
             grad_x, grad_fc1_weight, grad_fc1_bias = _linear_backward(grad_h, x, fc1_weight_c)
         return (grad_x, grad_fc1_weight.to(fc1_weight.dtype), grad_fc1_bias.to(fc1_bias.dtype),
                 grad_conv_weight, grad_conv_bias, grad_fc2_weight.to(fc2_weight.dtype),

@@ -141,6 +141,10 @@ INTERPRETER_CHECK = textwrap.dedent('''
         y = triton_depthwise_conv.forward(x, weight, bias, activation)
         grad_a = (triton_depthwise_conv.activation_grad(grad_y, x, weight, bias, activation)
                   if activation else grad_y)
+        if activation:  # the same pass may also write the recomputed output
+            grad_a2, y2 = triton_depthwise_conv.activation_grad(grad_y, x, weight, bias,
+                                                                activation, with_output=True)
+            assert torch.equal(grad_a2, grad_a) and torch.equal(y2, y), (case, rows)
         grad_x, grad_w, grad_b = triton_depthwise_conv.backward(grad_a, x, weight, bias is not None)
         outs = [y, grad_x, grad_w] + ([grad_b] if bias is not None else [])
         for out, ref in zip(outs, reference(x, weight, bias, grad_y, activation)):

@@ -40,9 +40,10 @@ KERNELS = [
                                                    BLOCK_C=512), 4),
 ] + [(depthwise_conv._dwconv_stencil_kernel,
       dict(MIRRORED=mirrored, HAS_BIAS=True, ACTIVATION=activation, ACTIVATION_GRAD=grad,
-           ROWS=8, BLOCK_W=32, BLOCK_C=64), 4)
-     for mirrored, activation, grad in [(False, 0, False), (True, 0, False), (False, 1, False),
-                                        (False, 2, True)]]
+           STORE_OUTPUT=store, ROWS=8, BLOCK_W=32, BLOCK_C=64), 4)
+     for mirrored, activation, grad, store in [(False, 0, False, False), (True, 0, False, False),
+                                               (False, 1, False, False), (False, 2, True, False),
+                                               (False, 2, True, True)]]
 
 
 def _argument_type(name: str) -> str:

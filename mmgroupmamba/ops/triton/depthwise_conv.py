@@ -49,14 +49,16 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 
 def activation_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                    bias: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+                    bias: Optional[torch.Tensor], activation: str, with_output: bool = False):
     """The gradient at the pre-activation ``a = conv(x)`` of ``y = activation(a)``,
     ``grad_y * activation'(a)``, like x, with ``a`` recomputed on the fly; :func:`backward` takes
-    it from there."""
+    it from there. ``with_output``: returns ``(grad_a, y)``, the recomputed output written by the
+    same pass (for a caller that needs it again, as a following matmul's weight gradient does)."""
     grad_a = torch.empty_like(x)
+    y = torch.empty_like(x) if with_output else None
     _stencil(x, weight, bias, grad_a, mirrored=False, activation=ACTIVATIONS[activation],
-             grad_y=grad_y)
-    return grad_a
+             grad_y=grad_y, out=y)
+    return (grad_a, y) if with_output else grad_a
 
 
 def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool
@@ -94,7 +96,8 @@ def _blocks(x: torch.Tensor, tile: int = _TILE) -> Tuple[int, int]:
     return block_w, min(triton.next_power_of_2(C), tile // block_w)
 
 
-def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y=None):
+def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y=None,
+             out=None):
     B, C, H, W = src.shape
     block_w, block_c = _blocks(dst)
     tiles = triton.cdiv(W, block_w) * triton.cdiv(C, block_c)
@@ -106,10 +109,14 @@ def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y
     bias = bias.contiguous() if has_bias else src
     with_grad = grad_y is not None
     grad_y = grad_y if with_grad else dst
+    # ``out`` (with grad_y only) also receives the activation's output; it has dst's strides.
+    store_output = out is not None
+    assert not store_output or (with_grad and out.stride() == dst.stride())
     _dwconv_stencil_kernel[(B * row_blocks, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
-        src, weight, bias, dst, grad_y, H, W, C, *src.stride(), *dst.stride(), *grad_y.stride(),
-        row_blocks, MIRRORED=mirrored, HAS_BIAS=has_bias, ACTIVATION=activation,
-        ACTIVATION_GRAD=with_grad, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c)
+        src, weight, bias, dst, grad_y, out if store_output else dst, H, W, C, *src.stride(),
+        *dst.stride(), *grad_y.stride(), row_blocks, MIRRORED=mirrored, HAS_BIAS=has_bias,
+        ACTIVATION=activation, ACTIVATION_GRAD=with_grad, STORE_OUTPUT=store_output, ROWS=rows,
+        BLOCK_W=block_w, BLOCK_C=block_c)
 
 
 def _stencil_rows(tiles: int, height: int) -> int:
@@ -157,13 +164,15 @@ def _activation_slope(a, ACTIVATION: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=['H', 'W', 'row_blocks'])
-def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, H, W, C, ss_b, ss_c, ss_h,
-                           ss_w, ds_b, ds_c, ds_h, ds_w, gs_b, gs_c, gs_h, gs_w, row_blocks,
-                           MIRRORED: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, out_ptr, H, W, C, ss_b,
+                           ss_c, ss_h, ss_w, ds_b, ds_c, ds_h, ds_w, gs_b, gs_c, gs_h, gs_w,
+                           row_blocks, MIRRORED: tl.constexpr, HAS_BIAS: tl.constexpr,
                            ACTIVATION: tl.constexpr, ACTIVATION_GRAD: tl.constexpr,
-                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                           STORE_OUTPUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
     # a[h, w] = sum_ij src[h + i - 1, w + j - 1] * tap[i, j] for ROWS output rows; dst is
-    # activation(a), or with ACTIVATION_GRAD g * activation'(a) for the output gradient g. Each
+    # activation(a), or with ACTIVATION_GRAD g * activation'(a) for the output gradient g (and
+    # with STORE_OUTPUT activation(a) to out, which has dst's strides). Each
     # input row is loaded once (three column shifts) and feeds the three output rows it touches;
     # a rolling pair of accumulators holds the rows still open, and a row is stored when its
     # last input row has been added.
@@ -179,6 +188,7 @@ def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, H, W, C, ss
     mask_right = (offs_w + 1 < W)[:, None] & c_mask
     src = src_ptr + b * ss_b + offs_w[:, None] * ss_w + offs_c[None, :] * ss_c
     dst = dst_ptr + b * ds_b + offs_w[:, None] * ds_w + offs_c[None, :] * ds_c
+    out = out_ptr + b * ds_b + offs_w[:, None] * ds_w + offs_c[None, :] * ds_c
     grad = g_ptr + b * gs_b + offs_w[:, None] * gs_w + offs_c[None, :] * gs_c
     cm = offs_c < C
     t00 = _tap(w_ptr, offs_c, cm, 0, 0, MIRRORED)
@@ -208,6 +218,9 @@ def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, H, W, C, ss
         store_ok = (out_row >= h0) & (out_row < H) & (out_row < h0 + ROWS)
         if ACTIVATION_GRAD:
             g = tl.load(grad + out_row * gs_h, mask=store_ok & mask_mid, other=0.)
+            if STORE_OUTPUT:
+                tl.store(out + out_row * ds_h, _activation(done, ACTIVATION).to(
+                    out_ptr.dtype.element_ty), mask=store_ok & mask_mid)
             done = g.to(tl.float32) * _activation_slope(done, ACTIVATION)
         else:
             done = _activation(done, ACTIVATION)
