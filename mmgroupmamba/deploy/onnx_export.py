@@ -17,7 +17,9 @@ operators while exporting (:func:`mmgroupmamba.ops._tracing.exporting`): no node
 The export goes through ``torch.export`` (``torch.onnx.export(dynamo=True)``); with ``dynamic``
 the height and width stay symbolic, so one file serves every input size.
 """
+import contextlib
 import importlib
+import logging
 import os
 import os.path as osp
 import time
@@ -115,7 +117,8 @@ def build_export_model(config: str, checkpoint: Optional[str] = None,
         check_checkpoint_fits(model, checkpoint)
         load_checkpoint(model, checkpoint, map_location='cpu', strict=False, logger='silent')
     elif task != 'mmgroupmamba':  # the classifier initialises itself; init_weights would
-        model.init_weights()      # build the distillation teacher
+        with _quiet_logger():     # build the distillation teacher
+            model.init_weights()
     model = model.float().cpu().eval()
     if task == 'mmgroupmamba':
         return ExportedModel(model.classifier, ['logits'], task)
@@ -212,6 +215,20 @@ def _median_ms(run, repeats: int):
         result = run()
         times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[len(times) // 2], result
+
+
+@contextlib.contextmanager
+def _quiet_logger():
+    """mmengine's current logger at WARNING: ``init_weights`` logs every tensor it leaves."""
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _configure_for_export(model_cfg) -> None:
