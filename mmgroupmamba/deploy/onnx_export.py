@@ -6,7 +6,9 @@ What is exported, by the config's ``default_scope``:
 - ``'mmgroupmamba'`` (classification): the ``GroupMambaClassifier``, images -> logits (in eval
   mode the mean of the class and distillation heads);
 - ``'mmseg'`` (segmentation): the segmentor's tensor forward (mmseg's ``_forward``), images ->
-  the decode head's logits ``(B, classes, H / 4, W / 4)``, before resizing and argmax;
+  the decode head's logits ``(B, classes, H / 4, W / 4)``, before resizing and argmax (one file
+  per input size for UperNet: its pyramid pooling cannot follow a dynamic size, see
+  :func:`size_bound_modules`);
 - ``'mmdet'`` (detection): backbone and neck, images -> the FPN maps. The RPN and RoI heads
   (proposal decoding, NMS, RoIAlign, per-image loops) are not exported here: their ONNX
   rewrites are mmdeploy's, and they contain nothing of ours.
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 __all__ = ['TASKS', 'MAX_RELATIVE_ERROR', 'ExportedModel', 'Parity', 'build_export_model',
-           'export_onnx', 'non_standard_nodes', 'check_parity']
+           'export_onnx', 'size_bound_modules', 'non_standard_nodes', 'check_parity']
 
 # default_scope -> what is exported.
 TASKS = {
@@ -140,11 +142,21 @@ def export_onnx(exported: ExportedModel, shape: Sequence[int], path: str,
             file takes ``(1, 3, H, W)`` only.
 
     Raises:
+        ValueError: ``dynamic`` for a model whose graph cannot follow the input size (see
+            :func:`size_bound_modules`).
         RuntimeError: the graph holds nodes outside the standard ONNX domain (naming them).
     """
     example = torch.randn(1, 3, *shape)
     dynamic_shapes = None
     if dynamic:
+        bound = size_bound_modules(exported.module)
+        if bound:
+            raise ValueError(
+                f'--dynamic cannot export this model: {", ".join(bound)} pool(s) to a fixed grid '
+                'whose windows depend on the input size, which ONNX has no operator for (only '
+                'global pooling); the exporter would fix the windows to the example\'s size. '
+                'Export without --dynamic, once per input size (UperNet\'s pyramid pooling '
+                'module is one such case).')
         dynamic_shapes = ({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}, )
     with torch.no_grad():
         program = torch.onnx.export(exported.module, (example, ), dynamo=True,
@@ -156,6 +168,19 @@ def export_onnx(exported: ExportedModel, shape: Sequence[int], path: str,
     if odd:
         raise RuntimeError(f'{path} holds {len(odd)} nodes outside the standard ONNX domain, '
                            f'which onnxruntime cannot run without a plugin: {odd[:5]}')
+
+
+def size_bound_modules(module: nn.Module) -> List[str]:
+    """Names of the adaptive pooling layers of ``module`` with an output grid larger than 1 x 1:
+    their windows are computed from the input size, and an exported graph keeps the windows of
+    the example input."""
+    names = []
+    for name, child in module.named_modules():
+        if isinstance(child, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            size = child.output_size
+            if any(s not in (1, None) for s in (size if isinstance(size, tuple) else (size, ))):
+                names.append(name)
+    return names
 
 
 def non_standard_nodes(path: str) -> List[str]:
