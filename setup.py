@@ -19,6 +19,7 @@ setup(
     ],
     extras_require={
         'triton': ['triton'],
-        'tests': ['pytest'],
+        'onnx': ['onnx', 'onnxruntime', 'onnxscript'],
+        'tests': ['pytest', 'onnx', 'onnxruntime', 'onnxscript'],
     },
 )

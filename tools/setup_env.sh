@@ -7,7 +7,9 @@
 #   whose CPU-only torch wheel cannot load torchvision's operators);
 # - mmcv 2.1.0 is the newest release mmdet 3.3.0 / mmseg 1.2.2 accept and has no wheel for this
 #   torch, so it is built from source against the installed torch (--no-build-isolation);
-# - setuptools >= 77, < 82: mmcv's build and mmengine's `mmdet::` config lookup import pkg_resources.
+# - setuptools >= 77, < 82: mmcv's build and mmengine's `mmdet::` config lookup import pkg_resources;
+# - onnx, onnxruntime, onnxscript: tools/deploy/export_onnx.py (torch's ONNX exporter needs
+#   onnxscript) and its tests, pinned to versions checked with torch 2.13.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv"
@@ -30,9 +32,9 @@ say "mmcv 2.1.0 with its ops (built from source the first time: about 12 minutes
 if ! "$venv/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
   MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip install --no-build-isolation mmcv==2.1.0
 fi
-say "mmengine, mmdet, mmsegmentation, test tools"
+say "mmengine, mmdet, mmsegmentation, ONNX export and runtime, test tools"
 pip install -q mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 pycocotools ftfy regex \
-  pytest
+  onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 pytest
 say "mmgroupmamba (editable)"
 pip install -q --no-build-isolation --no-deps -e "$root"
 echo "$want" > "$stamp"

@@ -145,7 +145,8 @@ def mark_size_dynamic(images: torch.Tensor) -> None:
 
 def dense_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``; while compiling, as an opaque operator (see ``ops.opaque_conv``): Inductor's
-    own lowering of its backward would specialise the graph on the image size."""
-    if torch.compiler.is_compiling():
+    own lowering of its backward would specialise the graph on the image size. Exporters (which
+    compile too) record the plain convolution: a custom operator cannot leave PyTorch."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return opaque_conv2d(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0])
     return conv(x)

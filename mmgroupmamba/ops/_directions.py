@@ -31,21 +31,31 @@ def token_index(direction: int, t, H: int, W: int):
     if direction >= 2:
         t = H * W - 1 - t
     if direction % 2 == 1:
-        return (t % H) * W + t // H
+        # t - column * H is t % H, written out: torch 2.13's ONNX exporter cannot translate the
+        # remainder by a symbolic size (an exported graph computes the indices from H and W).
+        column = t // H
+        return (t - column * H) * W + column
     return t
 
 
 @functools.lru_cache(maxsize=64)
 def scan_permutation(directions: Tuple[int, ...], H: int, W: int,
                      device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gather indices into scan order and back, one row per channel group.
+    """Gather indices into scan order and back, one row per channel group (cached: eager calls
+    repeat few sizes).
 
     Returns:
         ``(order, inverse)``, both ``(groups, L)`` int64 on ``device``:
         ``x_scan = x.gather(-1, order)`` and ``x = x_scan.gather(-1, inverse)``.
     """
+    return permutation(directions, H, W, device)
+
+
+def permutation(directions: Tuple[int, ...], H, W,
+                device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scan_permutation` uncached, in tensor operators only: ``H`` and ``W`` may be
+    symbolic sizes of an exported graph, which computes the indices itself."""
     steps = torch.arange(H * W, device=device)
     order = torch.stack([token_index(d, steps, H, W) for d in directions])
-    inverse = torch.empty_like(order)
-    inverse.scatter_(-1, order, steps.expand_as(order))
+    inverse = torch.zeros_like(order).scatter(-1, order, steps.expand_as(order))
     return order, inverse

@@ -10,7 +10,8 @@ Triton kernels of :mod:`.triton.depthwise_conv` when Triton imports (cuDNN's dep
 slow on channels-last low-precision maps, backward especially; the activation runs in the same
 kernel), everything else to PyTorch's convolution; ``backend='torch'`` or ``'triton'`` asks for
 one. Like the scan, it is a pair of custom operators with autograd and shape functions, so
-``torch.compile`` keeps it in its graphs, and eager calls skip the operator layer.
+``torch.compile`` keeps it in its graphs, and eager calls skip the operator layer. Exporters
+record a grouped ``F.conv2d`` (an ONNX ``Conv`` with ``group = C``).
 """
 from typing import List, Optional
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backends import check_backend, triton_unavailable
-from ._tracing import traced
+from ._tracing import exporting, traced
 
 
 # Activations that may follow the convolution: name -> (function, its backward).
@@ -52,6 +53,9 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         reason = _triton_unavailable(x, weight)
         if reason is not None:
             raise ValueError(f"depthwise_conv2d(backend='triton') cannot run here: {reason}")
+    if exporting():  # a grouped convolution in standard operators, see _tracing.exporting
+        y = _torch_conv(x, weight, bias)
+        return (y if activation is None else _ACTIVATIONS[activation][0](y)).to(x.dtype)
     # The custom operators take the choices as strings: '' is none / automatic.
     if traced():
         return _conv_fwd(x, weight, bias, activation or '', backend or '')

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
 from ._backends import check_backend, triton_unavailable
-from ._tracing import traced
+from ._tracing import exporting, traced
 from .depthwise_conv import conv_activation_backward, depthwise_conv2d
 
 __all__ = ['group_norm_gate', 'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref', 'ffn',
@@ -232,7 +232,7 @@ def ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
     args = (x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias)
     if _records_eager_backward():
         return _FFN.apply(*args)
-    if torch.compiler.is_compiling() and torch.is_grad_enabled():
+    if torch.compiler.is_compiling() and torch.is_grad_enabled() and not exporting():
         act = cp.checkpoint(_conv_gelu, F.linear(x, fc1_weight, fc1_bias), conv_weight,
                             conv_bias, use_reentrant=False)
         return F.linear(act, fc2_weight, fc2_bias)

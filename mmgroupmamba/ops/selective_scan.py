@@ -17,7 +17,9 @@ By default (``backend=None``) the op dispatches on ``u.device``: CUDA tensors go
 :mod:`mmgroupmamba.ops.torch_scan`. ``backend='torch'`` or ``'triton'`` asks for one. It is registered as two custom operators
 (``torch.ops.mmgroupmamba.selective_scan_fwd``/``_bwd``) with autograd and shape functions, so
 ``torch.compile`` traces through it; eager calls reach the same backend code through a plain
-autograd Function, without the operator layer's host time (see :func:`._tracing.traced`). Each
+autograd Function, without the operator layer's host time (see :func:`._tracing.traced`).
+Exporters record :mod:`mmgroupmamba.ops.graph_scan` instead, in standard operators whose
+number does not depend on ``L`` (see :func:`._tracing.exporting`). Each
 backend module exposes::
 
     scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
@@ -41,10 +43,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import torch_scan
+from . import graph_scan, torch_scan
 from ._directions import MAX_KERNEL_GROUPS, SCAN_DIRECTIONS
 from ._backends import check_backend, triton_unavailable
-from ._tracing import traced
+from ._tracing import exporting, traced
 
 
 def selective_scan(u: torch.Tensor,
@@ -98,6 +100,9 @@ def selective_scan(u: torch.Tensor,
         B = B.unsqueeze(1).expand(-1, groups, -1, -1)
         C = C.unsqueeze(1).expand(-1, groups, -1, -1)
     out_dtype = u.dtype if out_dtype is None else out_dtype
+    if exporting():
+        return graph_scan.scan_forward(u, delta, A, B, C, D, delta_bias, bool(delta_softplus),
+                                       direction_ids, spatial_shape, out_dtype)
     if traced():
         return _scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus),
                          list(direction_ids), list(spatial_shape), out_dtype, backend)[0]
@@ -298,9 +303,11 @@ def _expect_shape(name: str, x: torch.Tensor, shape: tuple):
 def _check_spatial_shape(spatial_shape, L: int) -> Tuple[int, int]:
     if spatial_shape is None:
         return (1, L)
-    if len(spatial_shape) != 2 or any(int(s) != s or s < 1 for s in spatial_shape):
+    # Sizes an exporter keeps symbolic stay symbolic (int() would fix them to the example's).
+    if len(spatial_shape) != 2 or any(
+            not isinstance(s, torch.SymInt) and int(s) != s or s < 1 for s in spatial_shape):
         raise ValueError(f'spatial_shape must be (H, W) of positive ints, got {spatial_shape!r}')
-    H, W = (int(s) for s in spatial_shape)
+    H, W = (s if isinstance(s, torch.SymInt) else int(s) for s in spatial_shape)
     if H * W != L:
         raise ValueError(f'spatial_shape {(H, W)} has {H * W} tokens but L = {L}')
     return (H, W)
