@@ -6,9 +6,8 @@ What is exported, by the config's ``default_scope``:
 - ``'mmgroupmamba'`` (classification): the ``GroupMambaClassifier``, images -> logits (in eval
   mode the mean of the class and distillation heads);
 - ``'mmseg'`` (segmentation): the segmentor's tensor forward (mmseg's ``_forward``), images ->
-  the decode head's logits ``(B, classes, H / 4, W / 4)``, before resizing and argmax (one file
-  per input size for UperNet: its pyramid pooling cannot follow a dynamic size, see
-  :func:`size_bound_modules`);
+  the decode head's logits ``(B, classes, H / 4, W / 4)``, before resizing and argmax (with
+  ``dynamic``, UperNet's pyramid pooling is recorded as :class:`IntegralAdaptiveAvgPool2d`);
 - ``'mmdet'`` (detection): backbone and neck, images -> the FPN maps. The RPN and RoI heads
   (proposal decoding, NMS, RoIAlign, per-image loops) are not exported here: their ONNX
   rewrites are mmdeploy's, and they contain nothing of ours.
@@ -32,7 +31,8 @@ import torch
 from torch import nn
 
 __all__ = ['TASKS', 'MAX_RELATIVE_ERROR', 'ExportedModel', 'Parity', 'build_export_model',
-           'export_onnx', 'size_bound_modules', 'non_standard_nodes', 'check_parity']
+           'export_onnx', 'IntegralAdaptiveAvgPool2d', 'size_bound_modules', 'non_standard_nodes',
+           'check_parity']
 
 # default_scope -> what is exported.
 TASKS = {
@@ -152,13 +152,12 @@ def export_onnx(exported: ExportedModel, shape: Sequence[int], path: str,
         bound = size_bound_modules(exported.module)
         if bound:
             raise ValueError(
-                f'--dynamic cannot export this model: {", ".join(bound)} pool(s) to a fixed grid '
-                'whose windows depend on the input size, which ONNX has no operator for (only '
-                'global pooling); the exporter would fix the windows to the example\'s size. '
-                'Export without --dynamic, once per input size (UperNet\'s pyramid pooling '
-                'module is one such case).')
+                f'--dynamic cannot export this model: {", ".join(bound)} max-pool(s) to a fixed '
+                'grid whose windows depend on the input size, which ONNX has no operator for '
+                '(only global pooling); the exporter would fix the windows to the example\'s '
+                'size. Export without --dynamic, once per input size.')
         dynamic_shapes = ({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}, )
-    with torch.no_grad():
+    with torch.no_grad(), _integral_average_pooling(exported.module, dynamic):
         program = torch.onnx.export(exported.module, (example, ), dynamo=True,
                                     input_names=['inputs'], output_names=exported.names,
                                     dynamic_shapes=dynamic_shapes, verbose=False)
@@ -170,17 +169,75 @@ def export_onnx(exported: ExportedModel, shape: Sequence[int], path: str,
                            f'which onnxruntime cannot run without a plugin: {odd[:5]}')
 
 
+class IntegralAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` in operators that follow a symbolic input size, for dynamic
+    exports (UperNet's pyramid pooling averages the last map over 1 x 1 to 6 x 6 grids).
+
+    ONNX has no adaptive pooling operator, and the exporter records ``adaptive_avg_pool2d`` as an
+    ``AveragePool`` whose window is computed from the example's size. Here each axis is pooled
+    from its running sums: cell ``i`` of ``s`` covers ``[floor(i n / s), ceil((i + 1) n / s))``,
+    as in PyTorch, and its mean is the difference of the running sums at its ends over its
+    length; the window ends are computed in the graph from the size ``n``. The two axes pool one
+    after the other (a cell's mean over a rectangle is the mean of its rows' means).
+    """
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = tuple(output_size) if isinstance(output_size, (tuple, list)) else (
+            output_size, output_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = self.output_size
+        if height is not None:
+            x = _pool_axis(x, height, x.dim() - 2)
+        return x if width is None else _pool_axis(x, width, x.dim() - 1)
+
+
+def _pool_axis(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Adaptive average pooling of axis ``dim`` of ``x`` to ``size`` cells."""
+    n = x.shape[dim]
+    cells = torch.arange(size, device=x.device)
+    start = torch.div(cells * n, size, rounding_mode='floor')
+    end = torch.div((cells + 1) * n + size - 1, size, rounding_mode='floor')
+    # Running sums with a leading zero: sums[k] is the sum of the first k entries.
+    sums = nn.functional.pad(x.cumsum(dim), [0, 0] * (x.dim() - 1 - dim) + [1, 0])
+    total = sums.index_select(dim, end) - sums.index_select(dim, start)
+    shape = [1] * x.dim()
+    shape[dim] = size
+    return total / (end - start).to(x.dtype).view(shape)
+
+
+@contextlib.contextmanager
+def _integral_average_pooling(module: nn.Module, enabled: bool):
+    """While exporting a dynamic graph, the adaptive average pooling layers of ``module`` that
+    pool to a grid larger than 1 x 1 are :class:`IntegralAdaptiveAvgPool2d` (restored after)."""
+    swapped = []
+    if enabled:
+        for name, child in list(module.named_modules()):
+            if isinstance(child, nn.AdaptiveAvgPool2d) and not _global(child.output_size):
+                parent, _, attribute = name.rpartition('.')
+                owner = module.get_submodule(parent) if parent else module
+                setattr(owner, attribute, IntegralAdaptiveAvgPool2d(child.output_size))
+                swapped.append((owner, attribute, child))
+    try:
+        yield
+    finally:
+        for owner, attribute, child in swapped:
+            setattr(owner, attribute, child)
+
+
+def _global(output_size) -> bool:
+    sizes = output_size if isinstance(output_size, tuple) else (output_size, )
+    return all(s in (1, None) for s in sizes)
+
+
 def size_bound_modules(module: nn.Module) -> List[str]:
-    """Names of the adaptive pooling layers of ``module`` with an output grid larger than 1 x 1:
-    their windows are computed from the input size, and an exported graph keeps the windows of
-    the example input."""
-    names = []
-    for name, child in module.named_modules():
-        if isinstance(child, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            size = child.output_size
-            if any(s not in (1, None) for s in (size if isinstance(size, tuple) else (size, ))):
-                names.append(name)
-    return names
+    """Names of the adaptive max-pooling layers of ``module`` with an output grid larger than
+    1 x 1: their windows are computed from the input size, and an exported graph would keep the
+    windows of the example input (average pooling is exported by
+    :class:`IntegralAdaptiveAvgPool2d` instead)."""
+    return [name for name, child in module.named_modules()
+            if isinstance(child, nn.AdaptiveMaxPool2d) and not _global(child.output_size)]
 
 
 def non_standard_nodes(path: str) -> List[str]:

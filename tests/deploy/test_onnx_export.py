@@ -13,8 +13,9 @@ import torch
 from onnx import helper
 
 from conftest import SMALL_ARCH
-from mmgroupmamba.deploy import (MAX_RELATIVE_ERROR, build_export_model, check_parity,
-                                 export_onnx, non_standard_nodes)
+from mmgroupmamba.deploy import (MAX_RELATIVE_ERROR, ExportedModel, IntegralAdaptiveAvgPool2d,
+                                 build_export_model, check_parity, export_onnx,
+                                 non_standard_nodes)
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 # One block per stage: the graph has every kind of layer, and exports in seconds.
@@ -89,12 +90,36 @@ def test_segmentor_logits(small_configs, tmp_path):
     assert [d.dim_value for d in output.type.tensor_type.shape.dim] == [1, 150, 16, 24]
 
 
-def test_dynamic_segmentor_is_refused_naming_the_pyramid_pooling(small_configs, tmp_path):
-    """UperNet's pyramid pooling averages over windows computed from the input size, which an
-    exported graph would keep at the example's: refused before anything is exported."""
+def test_dynamic_segmentor_equals_pytorch_at_a_second_odd_size(small_configs, tmp_path):
+    """UperNet's pyramid pooling (adaptive average pooling to 1 x 1 ... 6 x 6 grids) follows the
+    size in a dynamic file, and the model is left as it was."""
     exported = build_export_model(str(small_configs['segmentation']))
-    with pytest.raises(ValueError, match=r'decode_head\.psp_modules.*fixed grid'):
-        export_onnx(exported, (64, 64), str(tmp_path / 'x.onnx'), dynamic=True)
+    path = str(tmp_path / 'segmentor.onnx')
+    export_onnx(exported, (64, 64), path, dynamic=True)
+    assert non_standard_nodes(path) == []
+    pools = [m for m in exported.module.modules() if isinstance(m, torch.nn.AdaptiveAvgPool2d)]
+    assert len(pools) == 4  # restored after the export
+    for shape in [(64, 64), (96, 136)]:
+        parity = check_parity(exported, path, shape, repeats=1)
+        assert 0 < parity.max_error < MAX_RELATIVE_ERROR, (shape, parity)
+
+
+@pytest.mark.parametrize('grid', [1, 2, 3, 6, (2, None), (4, 5)])
+def test_integral_pooling_equals_adaptive_pooling(grid):
+    pool = IntegralAdaptiveAvgPool2d(grid)
+    for size in [(16, 16), (7, 9), (3, 2), (13, 17)]:
+        x = torch.randn(2, 3, *size, dtype=torch.float64)
+        expected = torch.nn.functional.adaptive_avg_pool2d(x, grid)
+        torch.testing.assert_close(pool(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dynamic_export_refuses_adaptive_max_pooling(tmp_path):
+    """Max pooling to a grid has no running-sum formulation: refused, naming the layer, before
+    anything is written."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveMaxPool2d(3))
+    exported = ExportedModel(model.eval(), ['out'], 'mmseg')
+    with pytest.raises(ValueError, match=r'1 max-pool.*fixed grid'):
+        export_onnx(exported, (32, 32), str(tmp_path / 'x.onnx'), dynamic=True)
     assert not (tmp_path / 'x.onnx').exists()
 
 

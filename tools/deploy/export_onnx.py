@@ -8,8 +8,8 @@ segmentor's tensor forward (images -> decode-head logits), detection configs the
 neck (images -> FPN maps; the heads are mmdeploy's). Inputs are preprocessed images (normalised,
 padded), batch 1. Without --checkpoint the config's freshly initialised weights are exported.
 --dynamic keeps the height and width symbolic: one file for every input size (checked at the
-given size and at a second, odd one); refused for models that cannot follow the size (UperNet's
-pyramid pooling).
+given size and at a second, odd one); UperNet's pyramid pooling follows the size through running
+sums (``IntegralAdaptiveAvgPool2d``).
 
 After writing the file the tool runs it in onnxruntime (CPU) on a random input, prints the largest relative error against the PyTorch model (max |onnx - torch| / max
 |torch|, per output) and both run times, and fails if the error is above 1e-4.
