@@ -21,7 +21,7 @@ import triton
 from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 from mmgroupmamba.ops import depthwise_conv2d
 
-from common.kernels import kernel_ms
+from common.kernels import depthwise_maps, kernel_ms
 
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 
@@ -63,15 +63,6 @@ def cudnn(activation):
     return conv
 
 
-def maps(arch: str, batch: int, size: int):
-    """(name, shape, channels_last, activation) of the FFN and SS2D convolution maps per stage."""
-    settings = ARCH_SETTINGS[arch]
-    for stage, (dims, ratio) in enumerate(zip(settings['embed_dims'], settings['mlp_ratios'])):
-        side = size // 4 >> stage
-        yield f'stage {stage + 1} FFN', (batch, int(dims * ratio), side, side), True, 'gelu'
-        yield f'stage {stage + 1} SS2D', (batch, dims, side, side), False, 'silu'
-
-
 def main():
     args = parse_args()
     dtype = DTYPES[args.dtype]
@@ -82,7 +73,7 @@ def main():
           '| cuDNN bwd ms | op fwd GB/s | copy GB/s |')
     print('| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
     totals = [0., 0., 0., 0.]
-    for name, shape, channels_last, activation in maps(args.arch, args.batch_size,
+    for name, shape, channels_last, activation in depthwise_maps(args.arch, args.batch_size,
                                                        args.image_size):
         activation = None if args.no_activation else activation
         x = torch.randn(shape, device='cuda', dtype=dtype)

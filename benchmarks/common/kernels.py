@@ -1,4 +1,5 @@
-"""Timing of GPU kernels (the selective scan's) and the inputs the scan benchmarks share.
+"""Timing of GPU kernels (the selective scan's, the depthwise stencil's) and the inputs the kernel
+benchmarks share.
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call). A
 Python call's host work counts whenever it takes longer than that flush, so short kernels are
@@ -12,6 +13,7 @@ import torch
 from mmgroupmamba.ops.triton import depthwise_conv as triton_depthwise_conv
 from mmgroupmamba.ops.triton import scan as triton_scan
 from mmgroupmamba.ops.triton import scan_n1 as triton_scan_n1
+from mmgroupmamba.ops.triton.depthwise_conv import StencilConfig
 from mmgroupmamba.ops.triton.scan_n1 import LaunchConfig
 
 # One channel group of GroupMamba-T's stages at 224x224 and batch 128 (dim 87 at L 4096: a long
@@ -138,3 +140,40 @@ def sweep_scan_tiles(batch: int, dim: int, L: int, dtype: torch.dtype = torch.fl
         # dict.fromkeys: the planned geometry first, each geometry once.
         yield name, planned[name], {cfg: graph_ms(lambda: runs[name](cfg), rep)
                                     for cfg in dict.fromkeys([planned[name], *tiles])}
+
+
+def depthwise_maps(arch: str, batch: int, size: int
+                   ) -> Iterator[Tuple[str, Tuple[int, int, int, int], bool, str]]:
+    """``(name, (B, C, H, W), channels_last, activation)`` of a GroupMamba variant's depthwise
+    convolution maps per stage at ``size`` x ``size`` images: the FFN's (channels-last, hidden
+    width, GELU) and the SS2D mixer's (NCHW, the stage's width, SiLU)."""
+    from mmgroupmamba.models.groupmamba import ARCH_SETTINGS  # the model's registries load late
+    settings = ARCH_SETTINGS[arch]
+    for stage, (dims, ratio) in enumerate(zip(settings['embed_dims'], settings['mlp_ratios'])):
+        side = size // 4 >> stage
+        yield f'stage {stage + 1} FFN', (batch, int(dims * ratio), side, side), True, 'gelu'
+        yield f'stage {stage + 1} SS2D', (batch, dims, side, side), False, 'silu'
+
+
+def candidate_stencil_tiles(shape: Sequence[int], channels_last: bool,
+                            rows: Sequence[int] = (1, 2, 4, 8, 16),
+                            warps: Sequence[int] = (2, 4, 8), min_tile: int = 256,
+                            max_tile: int = 8192) -> List[StencilConfig]:
+    """Stencil tiles worth timing for a ``(B, C, H, W)`` map: along the contiguous axis (channels
+    when channels-last, else the width) 16 to 128 elements, at most that axis rounded up to a
+    power of two; along the other axis the rest of tiles of ``min_tile`` to ``max_tile``
+    elements; at least one element per thread."""
+    _, C, H, W = shape
+    contiguous, other = (C, W) if channels_last else (W, C)
+    cap = lambda n: 1 << max(0, n - 1).bit_length()  # noqa: E731
+    tiles = []
+    for inner in (16, 32, 64, 128):
+        if inner > max(16, cap(contiguous)):
+            continue
+        for outer in (1, 2, 4, 8, 16, 32, 64, 128):
+            if outer > max(1, cap(other)) or not min_tile <= inner * outer <= max_tile:
+                continue
+            block_w, block_c = (outer, inner) if channels_last else (inner, outer)
+            tiles += [StencilConfig(block_w, block_c, r, w) for r in rows for w in warps
+                      if r <= max(1, cap(H)) and 32 * w <= inner * outer]
+    return tiles

@@ -1,10 +1,11 @@
-"""The scan benchmarks' shared pieces (the timings themselves need a GPU)."""
+"""The kernel benchmarks' shared pieces (the timings themselves need a GPU)."""
 import argparse
 
 import pytest
 import torch
 
-from common.kernels import (SCAN_SHAPES, candidate_tiles, chunk_lengths, parse_scan_shape,
+from common.kernels import (SCAN_SHAPES, candidate_stencil_tiles, candidate_tiles,
+                            chunk_lengths, depthwise_maps, parse_scan_shape,
                             scan_benchmark_parser, scan_inputs, scan_io_bytes)
 from mmgroupmamba.ops import torch_scan
 
@@ -47,3 +48,24 @@ def test_sweep_candidates():
     assert chunk_lengths(3136, shortest=512) == [512, 1024, 2048]
     assert chunk_lengths(4096, longest=1024) == [128, 256, 512, 1024]
     assert chunk_lengths(1) == [16]
+
+
+def test_depthwise_maps_are_the_models():
+    maps = list(depthwise_maps('tiny', 128, 224))
+    assert maps[0] == ('stage 1 FFN', (128, 512, 56, 56), True, 'gelu')
+    assert maps[1] == ('stage 1 SS2D', (128, 64, 56, 56), False, 'silu')
+    assert maps[-1] == ('stage 4 SS2D', (128, 448, 7, 7), False, 'silu')
+
+
+def test_stencil_candidates():
+    # Channels-last 512 channels at 56 x 56: channel blocks along the contiguous axis, tiles of
+    # 256 to 8192 elements, 32 threads' worth of elements per warp at least.
+    tiles = candidate_stencil_tiles((128, 512, 56, 56), True, rows=(4, ), warps=(8, ))
+    assert tiles and all(16 <= t.block_c <= 128 and 256 <= t.block_w * t.block_c <= 8192
+                         for t in tiles)
+    assert all(t.rows == 4 and t.warps == 8 for t in tiles)
+    # NCHW 7 x 7 with 448 channels: width blocks capped at 16 (7 rounds up to 8; 16 is the least),
+    # rows at 8.
+    tiles = candidate_stencil_tiles((128, 448, 7, 7), False, rows=(1, 8, 16), warps=(2, ))
+    assert {t.block_w for t in tiles} == {16} and {t.rows for t in tiles} == {1, 8}
+    assert all(t.block_c <= 128 for t in tiles)  # 448 channels -> at most the 128 tried

@@ -152,6 +152,13 @@ INTERPRETER_CHECK = textwrap.dedent('''
             err = ((out.double() - ref).norm() / ref.norm()).item()
             assert err < 1e-6, (case, rows, activation, err)
         assert y.stride() == x.stride() and grad_x.stride() == x.stride(), case
+    # A launch geometry given instead of the planned one (as the tile sweep gives them).
+    x, weight, bias = make_case(2, 6, 5, 4, 3, True, True)
+    planned = triton_depthwise_conv.plan(x)
+    other = triton_depthwise_conv.StencilConfig(2, 4, 2, 2)
+    assert other != planned
+    assert torch.equal(triton_depthwise_conv.forward(x, weight, bias, 'gelu', cfg=other),
+                       triton_depthwise_conv.forward(x, weight, bias, 'gelu'))
     # A weight that is a strided view, not a dense parameter.
     x, _, bias = make_case(2, 6, 5, 4, 3, True, True)
     weight = torch.randn(6, 1, 3, 6)[..., ::2]

@@ -16,7 +16,7 @@ binaries. The strides stay specialised, as their divisibility lets loads along a
 channel axis vectorise; for channel counts that are multiples of 16 it does not change with the
 size.
 """
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -38,35 +38,63 @@ _MIN_PROGRAMS = 256
 # The activations the kernels apply after the convolution, by name, as kernel codes.
 ACTIVATIONS = {None: 0, 'silu': 1, 'gelu': 2}
 
+__all__ = ['ACTIVATIONS', 'StencilConfig', 'plan', 'forward', 'activation_grad', 'backward',
+           'compiled_kernel_count']
+
+
+class StencilConfig(NamedTuple):
+    """Tile of one stencil program: ``rows`` output rows of ``block_w`` columns x ``block_c``
+    channels (powers of two), run by ``warps`` warps."""
+    block_w: int
+    block_c: int
+    rows: int
+    warps: int
+
+
+def plan(x: torch.Tensor) -> StencilConfig:
+    """The stencil's launch geometry for maps shaped and laid out like ``x`` (``(B, C, H, W)``):
+    the contiguous axis of up to 64 elements by the rest of a 2048-element tile, and the rows
+    per program of ``_STENCIL_ROWS`` (the first that leaves ``_MIN_PROGRAMS`` programs)."""
+    B, C, H, W = x.shape
+    block_w, block_c = _blocks(x)
+    tiles = triton.cdiv(W, block_w) * triton.cdiv(C, block_c)
+    return StencilConfig(block_w, block_c, _stencil_rows(B * tiles, H), 4)
+
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            activation: Optional[str] = None) -> torch.Tensor:
+            activation: Optional[str] = None, *, cfg: Optional[StencilConfig] = None
+            ) -> torch.Tensor:
     """x ``(B, C, H, W)``, weight ``(C, 1, 3, 3)``, bias ``(C,)`` or None -> y like x:
-    ``activation(conv(x))``, ``activation`` one of :data:`ACTIVATIONS` (GELU the exact one)."""
+    ``activation(conv(x))``, ``activation`` one of :data:`ACTIVATIONS` (GELU the exact one).
+    ``cfg`` overrides :func:`plan` (for tuning)."""
     y = torch.empty_like(x)
-    _stencil(x, weight, bias, y, mirrored=False, activation=ACTIVATIONS[activation])
+    _stencil(x, weight, bias, y, mirrored=False, activation=ACTIVATIONS[activation], cfg=cfg)
     return y
 
 
 def activation_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                    bias: Optional[torch.Tensor], activation: str, with_output: bool = False):
+                    bias: Optional[torch.Tensor], activation: str, with_output: bool = False, *,
+                    cfg: Optional[StencilConfig] = None):
     """The gradient at the pre-activation ``a = conv(x)`` of ``y = activation(a)``,
     ``grad_y * activation'(a)``, like x, with ``a`` recomputed on the fly; :func:`backward` takes
     it from there. ``with_output``: returns ``(grad_a, y)``, the recomputed output written by the
-    same pass (for a caller that needs it again, as a following matmul's weight gradient does)."""
+    same pass (for a caller that needs it again, as a following matmul's weight gradient does).
+    ``cfg`` overrides :func:`plan`."""
     grad_a = torch.empty_like(x)
     y = torch.empty_like(x) if with_output else None
     _stencil(x, weight, bias, grad_a, mirrored=False, activation=ACTIVATIONS[activation],
-             grad_y=grad_y, out=y)
+             grad_y=grad_y, out=y, cfg=cfg)
     return (grad_a, y) if with_output else grad_a
 
 
-def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool
+def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool, *,
+             cfg: Optional[StencilConfig] = None
              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(grad_x like x, grad_weight float32 ``(C, 1, 3, 3)``, grad_bias float32 ``(C,)`` or None)."""
+    """(grad_x like x, grad_weight float32 ``(C, 1, 3, 3)``, grad_bias float32 ``(C,)`` or None).
+    ``cfg`` overrides :func:`plan` for the input gradient's stencil."""
     assert weight.shape[-1] == 3, 'the weight-gradient kernel is written for 3 x 3 taps'
     grad_x = torch.empty_like(x)
-    _stencil(grad_y, weight, None, grad_x, mirrored=True)
+    _stencil(grad_y, weight, None, grad_x, mirrored=True, cfg=cfg)
     B, C, H, W = x.shape
     block_w, block_c = _blocks(x, _WGRAD_TILE)
     row_blocks = triton.cdiv(H, _WGRAD_ROWS)
@@ -97,11 +125,9 @@ def _blocks(x: torch.Tensor, tile: int = _TILE) -> Tuple[int, int]:
 
 
 def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y=None,
-             out=None):
+             out=None, cfg: Optional[StencilConfig] = None):
     B, C, H, W = src.shape
-    block_w, block_c = _blocks(dst)
-    tiles = triton.cdiv(W, block_w) * triton.cdiv(C, block_c)
-    rows = _stencil_rows(B * tiles, H)
+    block_w, block_c, rows, warps = plan(dst) if cfg is None else cfg
     row_blocks = triton.cdiv(H, rows)
     # The kernel indexes the taps and bias densely (parameters are; a view might not be).
     has_bias = bias is not None
@@ -116,7 +142,7 @@ def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y
         src, weight, bias, dst, grad_y, out if store_output else dst, H, W, C, *src.stride(),
         *dst.stride(), *grad_y.stride(), row_blocks, MIRRORED=mirrored, HAS_BIAS=has_bias,
         ACTIVATION=activation, ACTIVATION_GRAD=with_grad, STORE_OUTPUT=store_output, ROWS=rows,
-        BLOCK_W=block_w, BLOCK_C=block_c)
+        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
 
 
 def _stencil_rows(tiles: int, height: int) -> int:
