@@ -220,7 +220,7 @@ def test_saved_shapes_match_the_launch_plans():
         for N in (1, 2, 3, 4, 16):
             (shape, ) = triton_scan.saved_shapes(2, 8, 4, N, L)
             if N == 1:
-                assert shape == (16, triton.cdiv(L, triton_scan_n1.STATE_STEPS)), (L, N)
+                assert shape == (16 * triton.cdiv(L, triton_scan_n1.STATE_STEPS), ), (L, N)
             else:
                 tile = triton_scan._Tile(2, 8, 4, N, L, triton_scan._FWD_TILE)
                 assert shape == (2, 8, tile.chunks, N), (L, N)

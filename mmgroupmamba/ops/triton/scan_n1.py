@@ -108,9 +108,16 @@ def plan(batch: int, dim_per_group: int, groups: int, L: int) -> Tuple[LaunchCon
 
 
 def states_shape(batch, dim: int, L):
-    """Shape of the states :func:`forward` saves: one per ``STATE_STEPS`` steps and row (symbolic
-    sizes pass)."""
-    return (batch * dim, -(-L // STATE_STEPS))
+    """Shape of the states :func:`forward` saves: one per ``STATE_STEPS`` steps and row, row after
+    row in one flat axis (symbolic sizes pass). Flat, because a ``(rows, states)`` shape would
+    make ``torch.compile`` guard on whether a row holds one state (``L <= STATE_STEPS``): a
+    dynamic graph traced at a longer sequence would compile again at a short one."""
+    return (batch * dim * _state_count(L), )
+
+
+def _state_count(L):
+    """States saved per row: one per ``STATE_STEPS`` steps."""
+    return -(-L // STATE_STEPS)
 
 
 def _block_d(batch: int, dim_per_group: int, groups: int, want: int, min_programs: int) -> int:
@@ -140,7 +147,7 @@ def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatia
     _scan_n1_fwd_kernel[(batch * groups * d_blocks, )](
         u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u),
         direction_code(directions), y, states,
-        L, H, W, n_chunks, states.shape[1], dim, groups, dim_per_group, d_blocks,
+        L, H, W, n_chunks, _state_count(L), dim, groups, dim_per_group, d_blocks,
         *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, BLOCK_D=cfg.block_d,
@@ -180,7 +187,7 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
     _scan_n1_bwd_kernel[(batch * groups * d_blocks, )](
         u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u),
         direction_code(directions), dy, states,
-        du, ddelta, param_grads, dBC, L, H, W, n_chunks, states.shape[1],
+        du, ddelta, param_grads, dBC, L, H, W, n_chunks, _state_count(L),
         max(1, cfg.block_t // STATE_STEPS),
         dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
