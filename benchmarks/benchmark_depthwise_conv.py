@@ -12,26 +12,19 @@ activation); ``--no-activation`` times the convolutions alone. The bandwidth col
 forward (the map read once and written once, over its time) next to a plain copy of the map,
 the bound a stencil could reach. Times are medians of CUDA-event timings after warm-up.
 """
-import argparse
-
 import torch
 import torch.nn.functional as F
 import triton
 
-from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 from mmgroupmamba.ops import depthwise_conv2d
 
-from common.kernels import depthwise_maps, kernel_ms
+from common.kernels import depthwise_benchmark_parser, depthwise_maps, kernel_ms
 
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arch', default='tiny', choices=sorted(ARCH_SETTINGS))
-    parser.add_argument('--batch-size', type=int, default=128)
-    parser.add_argument('--image-size', type=int, default=224)
+    parser = depthwise_benchmark_parser(__doc__)
     parser.add_argument('--dtype', default='bfloat16', choices=list(DTYPES))
     parser.add_argument('--no-activation', action='store_true',
                         help='the convolutions without the activations that follow them')

@@ -13,25 +13,19 @@ for the activation's slope; the FFN's also writes the activation, as its backwar
 ``backward`` also runs does not depend on the tile). Prints the fastest tiles per map and pass
 next to the one ``plan`` picks, with the bandwidth of one read and one write of the map.
 """
-import argparse
-
 import torch
 import triton
 
-from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 from mmgroupmamba.ops.triton import depthwise_conv as stencil
 
-from common.kernels import candidate_stencil_tiles, depthwise_maps, graph_ms
+from common.kernels import (candidate_stencil_tiles, depthwise_benchmark_parser,
+                            depthwise_maps, graph_ms)
 
 PASSES = ('forward', 'activation_grad', 'dgrad')
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arch', default='tiny', choices=sorted(ARCH_SETTINGS))
-    parser.add_argument('--batch-size', type=int, default=128)
-    parser.add_argument('--image-size', type=int, default=224)
+    parser = depthwise_benchmark_parser(__doc__)
     parser.add_argument('--maps', nargs='+', help='map names (default: all), e.g. "stage 1 FFN"')
     parser.add_argument('--passes', nargs='+', default=list(PASSES), choices=PASSES)
     parser.add_argument('--rows', type=int, nargs='+', default=[1, 2, 4, 8, 16])

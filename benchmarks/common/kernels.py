@@ -142,6 +142,18 @@ def sweep_scan_tiles(batch: int, dim: int, L: int, dtype: torch.dtype = torch.fl
                                     for cfg in dict.fromkeys([planned[name], *tiles])}
 
 
+def depthwise_benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The depthwise benchmarks' shared options: the variant whose maps are timed (``--arch``),
+    ``--batch-size`` and ``--image-size`` (see :func:`depthwise_maps`)."""
+    from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arch', default='tiny', choices=sorted(ARCH_SETTINGS))
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--image-size', type=int, default=224)
+    return parser
+
+
 def depthwise_maps(arch: str, batch: int, size: int
                    ) -> Iterator[Tuple[str, Tuple[int, int, int, int], bool, str]]:
     """``(name, (B, C, H, W), channels_last, activation)`` of a GroupMamba variant's depthwise
