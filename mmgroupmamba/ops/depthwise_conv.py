@@ -53,11 +53,10 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         reason = _triton_unavailable(x, weight)
         if reason is not None:
             raise ValueError(f"depthwise_conv2d(backend='triton') cannot run here: {reason}")
-    if exporting():  # a grouped convolution in standard operators, see _tracing.exporting
-        y = _torch_conv(x, weight, bias)
-        return (y if activation is None else _ACTIVATIONS[activation][0](y)).to(x.dtype)
     # The custom operators take the choices as strings: '' is none / automatic.
     if traced():
+        if exporting():  # PyTorch's grouped convolution: standard operators only
+            return _forward_impl(x, weight, bias, activation or '', 'torch')
         return _conv_fwd(x, weight, bias, activation or '', backend or '')
     return _EagerDepthwiseConv.apply(x, weight, bias, activation or '', backend or '')
 

@@ -100,10 +100,11 @@ def selective_scan(u: torch.Tensor,
         B = B.unsqueeze(1).expand(-1, groups, -1, -1)
         C = C.unsqueeze(1).expand(-1, groups, -1, -1)
     out_dtype = u.dtype if out_dtype is None else out_dtype
-    if exporting():
-        return graph_scan.scan_forward(u, delta, A, B, C, D, delta_bias, bool(delta_softplus),
-                                       direction_ids, spatial_shape, out_dtype)
     if traced():
+        if exporting():  # standard operators only, whose number does not depend on L
+            return graph_scan.scan_forward(u, delta, A, B, C, D, delta_bias,
+                                           bool(delta_softplus), direction_ids, spatial_shape,
+                                           out_dtype)
         return _scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus),
                          list(direction_ids), list(spatial_shape), out_dtype, backend)[0]
     config = (bool(delta_softplus), direction_ids, spatial_shape, backend)

@@ -68,6 +68,8 @@ def test_selective_scan_takes_the_graph_scan_while_exporting(monkeypatch):
                   directions=('left_right', 'top_bottom', 'right_left', 'bottom_top'))
     ref = selective_scan(*x.values(), **kwargs)
     calls, real = [], graph_scan.scan_forward
+    # What an exporter sets: a tracer records the call, and the graph leaves PyTorch.
+    monkeypatch.setattr(selective_scan_module, 'traced', lambda: True)
     monkeypatch.setattr(selective_scan_module, 'exporting', lambda: True)
     monkeypatch.setattr(graph_scan, 'scan_forward', lambda *a: calls.append(a) or real(*a))
     y = selective_scan(*x.values(), **kwargs)
@@ -81,6 +83,7 @@ def test_depthwise_conv_is_a_grouped_conv_while_exporting(monkeypatch, activatio
     x = torch.randn(2, 6, 7, 9, generator=g).to(memory_format=torch.channels_last)
     weight, bias = torch.randn(6, 1, 3, 3, generator=g), torch.randn(6, generator=g)
     ref = depthwise_conv2d(x, weight, bias, activation=activation)
+    monkeypatch.setattr(depthwise_conv_module, 'traced', lambda: True)
     monkeypatch.setattr(depthwise_conv_module, 'exporting', lambda: True)
     y = depthwise_conv2d(x, weight, bias, activation=activation)
     expected = F.conv2d(x, weight, bias, padding=1, groups=6)
