@@ -144,7 +144,8 @@ def export_onnx(exported: ExportedModel, shape: Sequence[int], path: str,
     Raises:
         ValueError: ``dynamic`` for a model whose graph cannot follow the input size (see
             :func:`size_bound_modules`).
-        RuntimeError: the graph holds nodes outside the standard ONNX domain (naming them).
+        RuntimeError: the graph holds nodes outside the standard ONNX domain (naming them); the
+            file is removed.
     """
     example = torch.randn(1, 3, *shape)
     dynamic_shapes = None
@@ -165,8 +166,10 @@ def export_onnx(exported: ExportedModel, shape: Sequence[int], path: str,
     program.save(path)
     odd = non_standard_nodes(path)
     if odd:
-        raise RuntimeError(f'{path} holds {len(odd)} nodes outside the standard ONNX domain, '
-                           f'which onnxruntime cannot run without a plugin: {odd[:5]}')
+        os.remove(path)
+        raise RuntimeError(f'the export held {len(odd)} nodes outside the standard ONNX domain, '
+                           f'which onnxruntime cannot run without a plugin: {odd[:5]}; {path} '
+                           'was not kept')
 
 
 class IntegralAdaptiveAvgPool2d(nn.Module):

@@ -1,6 +1,7 @@
 """ONNX export of the three tasks' models (small GroupMambas in the toy and ImageNet configs), run
 in onnxruntime against PyTorch: standard operators only, relative error < 1e-4, and a dynamic
 file that serves a second, odd size."""
+import dataclasses
 import os
 import os.path as osp
 import re
@@ -138,6 +139,37 @@ def test_classifier_through_the_tool(small_configs, tmp_path):
     model = onnx.load(str(out))
     assert [o.name for o in model.graph.output] == ['logits']
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [1, 10]
+
+
+def test_failed_checks_leave_no_file(small_configs, tmp_path, monkeypatch):
+    """A file that fails a check (nodes outside the standard domain; parity above 1e-4) is
+    removed: nothing is left to be deployed by mistake."""
+    import runpy
+
+    import mmgroupmamba.deploy as deploy
+    import mmgroupmamba.deploy.onnx_export as onnx_export
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval()
+    path = tmp_path / 'conv.onnx'
+    monkeypatch.setattr(onnx_export, 'non_standard_nodes', lambda path: ['custom::Op'])
+    with pytest.raises(RuntimeError, match=r'custom::Op.*was not kept'):
+        export_onnx(ExportedModel(model, ['out'], 'mmseg'), (16, 16), str(path))
+    assert not path.exists()
+    monkeypatch.undo()
+
+    out = tmp_path / 'classifier.onnx'
+    real = deploy.check_parity
+
+    def off_by_far(*args, **kwargs):
+        parity = real(*args, **kwargs)
+        return dataclasses.replace(parity, errors=[1.])
+
+    monkeypatch.setattr(deploy, 'check_parity', off_by_far)
+    monkeypatch.setattr(sys, 'argv', ['export_onnx.py', str(small_configs['classification']),
+                                      '--shape', '64', '64', '--out', str(out)])
+    with pytest.raises(SystemExit, match=r'differs from PyTorch by 1\.00e\+00.*was removed'):
+        runpy.run_path(osp.join(ROOT, 'tools/deploy/export_onnx.py'), run_name='__main__')
+    assert not out.exists()
 
 
 def test_tool_refuses_a_config_of_no_task(tmp_path):

@@ -15,6 +15,7 @@ After writing the file the tool runs it in onnxruntime (CPU) on a random input, 
 |torch|, per output) and both run times, and fails if the error is above 1e-4.
 """
 import argparse
+import os
 import time
 
 from mmengine.config import DictAction
@@ -59,9 +60,10 @@ def main():
         print(f'largest relative error {parity.max_error:.2e} on input {parity.shape}; '
               f'PyTorch eager {parity.torch_ms:.1f} ms, onnxruntime {parity.onnx_ms:.1f} ms (CPU)')
         if not parity.max_error <= MAX_RELATIVE_ERROR:
+            os.remove(args.out)  # a file that fails its check is not left to be deployed
             raise SystemExit(f'error: the ONNX model differs from PyTorch by '
                              f'{parity.max_error:.2e} (relative) on input {parity.shape}, more '
-                             f'than {MAX_RELATIVE_ERROR:.0e}')
+                             f'than {MAX_RELATIVE_ERROR:.0e}; {args.out} was removed')
 
 
 if __name__ == '__main__':
