@@ -22,7 +22,7 @@ from mmseg.registry import MODELS as MMSEG_MODELS
 from timm.layers import DropPath
 
 from ..ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
-from ..ops.fused import ffn, group_norm_gate, modulate_norm
+from ..ops.fused import compute_dtype, ffn, group_norm_gate, layer_norm, modulate_norm
 from .compiling import dense_conv, resolve_compile, run_compiled
 from .weights import check_outputs_finite, check_weights_on_load
 
@@ -80,6 +80,13 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, 0., math.sqrt(2. / (fan_out // module.groups)))
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def _norm(norm: nn.LayerNorm, x: torch.Tensor,
+          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``norm`` applied to (B, H, W, C) tokens by the fused kernel (PyTorch's is slow for short
+    rows of channels), its output in ``out_dtype`` (None: as ``norm(x)``)."""
+    return layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype)
 
 
 class GroupedSS2D(nn.Module):
@@ -155,10 +162,8 @@ class GroupedSS2D(nn.Module):
         # the normalised input, made in the matmuls' dtype (under autocast each matmul would
         # otherwise cast its own copy); the output stays a channel-major view that the layer's
         # tail reads in place.
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         tokens = x.reshape(B, L, G, d).permute(0, 2, 3, 1).to(
-            dtype, memory_format=torch.contiguous_format)
+            compute_dtype(x), memory_format=torch.contiguous_format)
         u = torch.matmul(self.in_proj_weight[:, :d], tokens)
         z = torch.matmul(self.in_proj_weight[:, d:], tokens)
         u = depthwise_conv2d(u.view(B, C, H, W), self.conv.weight, self.conv.bias,
@@ -212,7 +217,7 @@ class GroupMambaLayer(nn.Module):
         self.proj = nn.Linear(embed_dims, embed_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
+        x = _norm(self.norm, x)
         affinity = (None if self.channel_affinity is None
                     else self.channel_affinity(x.mean(dim=(1, 2))))
         # LayerNorm(x * skip_scale * ssm(x) * affinity), the products and the norm in one pass.
@@ -253,7 +258,8 @@ class GroupMambaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(x))
-        return x + self.drop_path(self.ffn(self.norm(x)))
+        # The FFN computes in the compute dtype: the norm writes that, not float32.
+        return x + self.drop_path(self.ffn(_norm(self.norm, x, compute_dtype(x))))
 
 
 class ClassBlock(nn.Module):
@@ -283,7 +289,7 @@ class Downsample(nn.Module):
         self.norm = nn.LayerNorm(embed_dims, eps=_INNER_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(dense_conv(self.proj, x).permute(0, 2, 3, 1))
+        return _norm(self.norm, dense_conv(self.proj, x).permute(0, 2, 3, 1))
 
 
 class ConvBNReLU(nn.Sequential):
@@ -444,7 +450,7 @@ class GroupMamba(BaseModule):
         for i, stage in enumerate(self.stages[:num_stages]):
             x = stage(x)
             if norm_last or i < num_stages - 1:
-                x = stage.norm(x)
+                x = _norm(stage.norm, x)
             outs.append(x)
         return outs
 

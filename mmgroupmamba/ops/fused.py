@@ -1,5 +1,7 @@
 """Fused pieces of the GroupMamba block that keep less for backward than autograd would.
 
+- :func:`layer_norm`: LayerNorm over the channels of channels-last tokens, its output in the
+  dtype the next layer computes in; on CUDA one Triton kernel each way (:mod:`.triton.layer_norm`);
 - :func:`group_norm_gate`: the SS2D output's per-group LayerNorm times ``SiLU(z)``; on CUDA one
   Triton kernel each way (:mod:`.triton.norm_gate`);
 - :func:`modulate_norm`: the GroupMamba layer's tail, ``LayerNorm(x * skip_scale * m *
@@ -24,12 +26,91 @@ from ._backends import check_backend, triton_unavailable
 from ._tracing import exporting, traced
 from .depthwise_conv import conv_activation_backward, depthwise_conv2d
 
-__all__ = ['group_norm_gate', 'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref', 'ffn',
-           'ffn_ref']
+__all__ = ['compute_dtype', 'layer_norm', 'layer_norm_ref', 'group_norm_gate',
+           'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref', 'ffn', 'ffn_ref']
 
 
 def _records_eager_backward() -> bool:
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` computes in: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               out_dtype: Optional[torch.dtype] = None, *,
+               backend: Optional[str] = None) -> torch.Tensor:
+    """LayerNorm over the last axis (channels) of ``x``, statistics in at least float32.
+
+    Args:
+        x: (..., C) tokens, any strides (a copy is made where the channels are not contiguous).
+        weight, bias: (C,).
+        eps: the LayerNorm's epsilon.
+        out_dtype: the output's dtype; None: that of ``F.layer_norm(x)`` (under CUDA autocast
+            float32, else x's). A norm whose output only feeds a matmul asks for the autocast
+            dtype, which the matmul would cast it to.
+        backend: as for :func:`group_norm_gate`.
+
+    Returns:
+        (..., C) in ``out_dtype``. Eager training on CUDA keeps x and the statistics for
+        backward.
+    """
+    if out_dtype is None:
+        out_dtype = _autocast_layer_norm_dtype(x)
+    kernels = _kernels('layer_norm', 'layer_norm', x, backend)
+    if kernels is None:
+        return layer_norm_ref(x, weight, bias, eps, out_dtype)
+    if torch.is_grad_enabled():
+        return _LayerNorm.apply(x, weight, bias, eps, out_dtype, kernels)
+    out, _, _ = kernels.forward(_channel_rows(x), weight, bias, eps, out_dtype)
+    return out.view(x.shape)
+
+
+def _autocast_layer_norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.layer_norm(x)`` returns: CUDA's autocast runs it in float32, CPU's in the
+    input's dtype (so the kernels, under Triton's interpreter on the CPU, return what PyTorch's
+    CPU path returns)."""
+    if x.device.type == 'cuda' and torch.is_autocast_enabled('cuda'):
+        return torch.promote_types(x.dtype, torch.float32)
+    return x.dtype
+
+
+def layer_norm_ref(x, weight, bias, eps, out_dtype):
+    """:func:`layer_norm` in plain operators."""
+    return F.layer_norm(x, (x.shape[-1], ), weight, bias, eps).to(out_dtype)
+
+
+def _channel_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> an (M, C) view with contiguous channels (a copy where the rows do not merge)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:
+        return x.reshape(-1, x.shape[-1])
+
+
+class _LayerNorm(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, out_dtype, kernels):
+        rows = _channel_rows(x)
+        out, mean, rstd = kernels.forward(rows, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(rows, weight, mean, rstd)
+        ctx.kernels, ctx.shape, ctx.bias_dtype = kernels, x.shape, bias.dtype
+        return out.view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        rows, weight, mean, rstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = ctx.kernels.backward(
+            _channel_rows(grad_out), rows, weight, mean, rstd)
+        return (grad_x.view(ctx.shape), grad_weight.to(weight.dtype),
+                grad_bias.to(ctx.bias_dtype), None, None, None)
 
 
 def group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -154,7 +235,7 @@ def modulate_norm(x: torch.Tensor, m: torch.Tensor, skip_scale: torch.Tensor,
     if torch.is_grad_enabled():
         return _ModulateNorm.apply(x, m, skip_scale, affinity, weight, bias, eps, kernels)
     out, _, _ = kernels.forward(_token_rows(x), _token_rows(m), skip_scale, affinity, weight,
-                                bias, eps, _out_dtype(x))
+                                bias, eps, compute_dtype(x))
     return _token_map(out, x.shape)
 
 
@@ -164,11 +245,6 @@ def modulate_norm_ref(x, m, skip_scale, affinity, weight, bias, eps):
     if affinity is not None:
         y = y * affinity[:, None, None, :]
     return F.layer_norm(y, (x.shape[-1], ), weight, bias, eps)
-
-
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +268,7 @@ class _ModulateNorm(torch.autograd.Function):
     def forward(ctx, x, m, skip_scale, affinity, weight, bias, eps, kernels):
         x_rows, m_rows = _token_rows(x), _token_rows(m)
         out, mean, rstd = kernels.forward(x_rows, m_rows, skip_scale, affinity, weight, bias,
-                                          eps, _out_dtype(x))
+                                          eps, compute_dtype(x))
         ctx.save_for_backward(x_rows, m_rows, skip_scale, affinity, weight, mean, rstd)
         ctx.kernels, ctx.shape, ctx.bias_dtype = kernels, x.shape, bias.dtype
         return _token_map(out, x.shape)
@@ -265,8 +341,7 @@ class _FFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias):
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        device, dtype = x.device.type, compute_dtype(x)
         x = x.to(dtype)
         with torch.autocast(device, enabled=False):
             h = F.linear(x, fc1_weight.to(dtype), fc1_bias.to(dtype))

@@ -83,9 +83,11 @@ CUDA_PATH_IN_INTERPRETER = textwrap.dedent('''
     reference = run(False, None)
     assert error(run(True, None), reference) < 1e-3
     # Under bf16 autocast both paths round differently; the kernels' rounding may not stray
-    # from float32 much more than PyTorch's own.
-    assert error(run(True, torch.bfloat16), reference) < 1.5 * error(run(False, torch.bfloat16),
-                                                                      reference)
+    # from float32 much more than PyTorch's own. Triton's interpreter rounds float32 to
+    # bfloat16 toward zero (twice the mean error of the GPU's round-to-nearest), at every
+    # bf16 store of the kernels: hence twice PyTorch's error as the bound.
+    assert error(run(True, torch.bfloat16), reference) < 2 * error(run(False, torch.bfloat16),
+                                                                    reference)
     print('ok')
 ''')
 

@@ -159,6 +159,14 @@ INTERPRETER_CHECK = textwrap.dedent('''
     assert other != planned
     assert torch.equal(triton_depthwise_conv.forward(x, weight, bias, 'gelu', cfg=other),
                        triton_depthwise_conv.forward(x, weight, bias, 'gelu'))
+    # A gradient laid out unlike the input (the kernels then index each tensor by its strides).
+    x, weight, bias = make_case(2, 6, 5, 4, 3, True, True)
+    grad_y = torch.randn(2, 6, 5, 4)
+    grad_a = triton_depthwise_conv.activation_grad(grad_y, x, weight, bias, 'silu')
+    grad_x, grad_w, _ = triton_depthwise_conv.backward(grad_a, x, weight, True)
+    _, ref_x, ref_w, _ = reference(x, weight, bias, grad_y, 'silu')
+    assert torch.allclose(grad_x.double(), ref_x, atol=1e-5), 'mixed layouts'
+    assert torch.allclose(grad_w.double(), ref_w, atol=1e-5), 'mixed layouts'
     # A weight that is a strided view, not a dense parameter.
     x, _, bias = make_case(2, 6, 5, 4, 3, True, True)
     weight = torch.randn(6, 1, 3, 6)[..., ::2]

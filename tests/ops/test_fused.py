@@ -1,5 +1,5 @@
 """The fused pieces of the GroupMamba block (``mmgroupmamba.ops.fused``): PyTorch paths, the
-norm-gate Triton kernels (through Triton's interpreter on the CPU, natively on a GPU)."""
+Triton kernels (through Triton's interpreter on the CPU, natively on a GPU)."""
 import textwrap
 
 import pytest
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import run_in_triton_interpreter
 from mmgroupmamba.ops.fused import (_FFN, _GroupNormGate, ffn, ffn_ref, group_norm_gate,
-                                    group_norm_gate_ref, modulate_norm, modulate_norm_ref)
+                                    group_norm_gate_ref, layer_norm, layer_norm_ref,
+                                    modulate_norm, modulate_norm_ref)
 
 
 def test_memory_lean_functions_match_plain_autograd():
@@ -238,3 +239,96 @@ def test_modulate_norm_triton_matches_torch_on_gpu(case, dtype):
     ref = run_modulate_norm(lambda *a: modulate_norm_ref(*a, 1e-5), x, m, *params, grad_out,
                             double=True)
     check_modulate_norm(got, ref, dtype)
+
+
+# (M rows as (B, H, W), C, input dtype, output dtype): C below, at and above a power of two;
+# rows in one and several programs (and more row blocks than backward programs); a float32
+# residual written in bf16 for a matmul, bf16 written in float32 (autocast's LayerNorm).
+LAYER_NORM_CASES = [((2, 3, 5), 6, torch.float32, torch.float32),
+                    ((1, 7, 9), 64, torch.float32, torch.bfloat16),
+                    ((2, 3, 3), 87, torch.bfloat16, torch.float32),
+                    ((1, 70, 80), 16, torch.float32, torch.float32)]
+
+
+def layer_norm_case(shape, C, dtype, device='cpu'):
+    x = torch.randn(*shape, C, device=device).to(dtype)
+    weight, bias = torch.randn(C, device=device), torch.randn(C, device=device)
+    return x, weight, bias, torch.randn(*shape, C, device=device)
+
+
+def run_layer_norm(fn, x, weight, bias, grad_out, out_dtype, double=False):
+    cast = (lambda t: t.double()) if double else (lambda t: t)
+    inputs = [cast(t).detach().requires_grad_() for t in (x, weight, bias)]
+    out = fn(*inputs, 1e-5, torch.double if double else out_dtype)
+    return [out, *torch.autograd.grad(out, inputs, grad_out.to(out.dtype))]
+
+
+def check_layer_norm(got, ref, x, out_dtype):
+    assert got[0].dtype == out_dtype and got[1].dtype == x.dtype
+    assert got[0].shape == x.shape and got[1].stride() == x.stride()
+    # Output rounding (bf16 outputs), input rounding (bf16 inputs) and its gradient.
+    tol = 1e-5 if torch.bfloat16 not in (x.dtype, out_dtype) else 2e-2
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert ((a.double() - b).norm() / b.norm()) < tol, (i, a.dtype)
+
+
+def test_layer_norm_reference_and_backend_choice():
+    x, weight, bias, _ = layer_norm_case((2, 3, 4), 8, torch.float32)
+    expected = F.layer_norm(x, (8, ), weight, bias, 1e-6)
+    torch.testing.assert_close(layer_norm(x, weight, bias, 1e-6, backend='torch'), expected)
+    assert layer_norm(x, weight, bias, 1e-6, torch.bfloat16).dtype == torch.bfloat16
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # the dtype of autocast's own LayerNorm
+        for dtype in (torch.float32, torch.bfloat16):
+            assert (layer_norm(x.to(dtype), weight, bias, 1e-6).dtype
+                    == F.layer_norm(x.to(dtype), (8, ), weight, bias, 1e-6).dtype)
+    with pytest.raises(ValueError, match=r"layer_norm\(backend='triton'\) cannot run"):
+        layer_norm(x, weight, bias, 1e-6, backend='triton')
+
+
+LAYER_NORM_INTERPRETER_CHECK = textwrap.dedent('''
+    import sys
+    import torch
+    sys.path.insert(0, 'tests/ops')
+    from test_fused import LAYER_NORM_CASES, check_layer_norm, layer_norm_case, run_layer_norm
+    from mmgroupmamba.ops import fused
+    from mmgroupmamba.ops.triton import layer_norm as kernels
+    torch.manual_seed(0)
+    kernels._BWD_PROGRAMS = 3  # programs that loop over several row blocks
+    for shape, C, dtype, out_dtype in LAYER_NORM_CASES:
+        x, weight, bias, grad_out = layer_norm_case(shape, C, dtype)
+        got = run_layer_norm(lambda *a: fused._LayerNorm.apply(*a, kernels), x, weight, bias,
+                             grad_out, out_dtype)
+        ref = run_layer_norm(fused.layer_norm_ref, x, weight, bias, grad_out, out_dtype,
+                             double=True)
+        check_layer_norm(got, ref, x, out_dtype)
+    # Tokens whose rows do not merge into one stride (a crop of a map) are copied first.
+    x, weight, bias, grad_out = layer_norm_case((2, 6, 7), 8, torch.float32)
+    got = run_layer_norm(lambda *a: fused._LayerNorm.apply(*a, kernels), x[:, 1:5, 2:],
+                         weight, bias, grad_out[:, 1:5, 2:], torch.float32)
+    ref = run_layer_norm(fused.layer_norm_ref, x[:, 1:5, 2:], weight, bias,
+                         grad_out[:, 1:5, 2:], torch.float32, double=True)
+    for a, b in zip(got, ref):
+        assert ((a.double() - b).norm() / b.norm()) < 1e-5
+    print('ok')
+''')
+
+
+def test_layer_norm_kernels_in_interpreter():
+    """The kernels (forward in the asked dtype, the three gradients) against the float64
+    operators, run on the CPU by Triton's interpreter."""
+    run_in_triton_interpreter(LAYER_NORM_INTERPRETER_CHECK)
+
+
+@requires_cuda
+@pytest.mark.parametrize('case', LAYER_NORM_CASES + [((128, 56, 56), 64, torch.float32,
+                                                      torch.bfloat16),
+                                                     ((2, 25, 38), 448, torch.float32,
+                                                      torch.float32)])
+def test_layer_norm_triton_matches_torch_on_gpu(case):
+    torch.manual_seed(0)
+    shape, C, dtype, out_dtype = case
+    x, weight, bias, grad_out = layer_norm_case(shape, C, dtype, device='cuda')
+    got = run_layer_norm(lambda *a: layer_norm(*a, backend='triton'), x, weight, bias, grad_out,
+                         out_dtype)
+    ref = run_layer_norm(layer_norm_ref, x, weight, bias, grad_out, out_dtype, double=True)
+    check_layer_norm(got, ref, x, out_dtype)

@@ -138,11 +138,21 @@ def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y
     # ``out`` (with grad_y only) also receives the activation's output; it has dst's strides.
     store_output = out is not None
     assert not store_output or (with_grad and out.stride() == dst.stride())
+    same_strides = src.stride()[1:] == dst.stride()[1:] == grad_y.stride()[1:]
+    if max(_image_extent(t) for t in (src, dst, grad_y)) >= 2 ** 31:
+        raise ValueError(f'depthwise_conv2d: one image of {tuple(src.shape[1:])} spans 2^31 '
+                         'elements or more; the Triton stencil indexes an image with 32-bit '
+                         "offsets (use backend='torch')")
     _dwconv_stencil_kernel[(B * row_blocks, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
         src, weight, bias, dst, grad_y, out if store_output else dst, H, W, C, *src.stride(),
         *dst.stride(), *grad_y.stride(), row_blocks, MIRRORED=mirrored, HAS_BIAS=has_bias,
-        ACTIVATION=activation, ACTIVATION_GRAD=with_grad, STORE_OUTPUT=store_output, ROWS=rows,
-        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+        ACTIVATION=activation, ACTIVATION_GRAD=with_grad, STORE_OUTPUT=store_output,
+        SAME_STRIDES=same_strides, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+
+
+def _image_extent(x: torch.Tensor) -> int:
+    """One past the largest element offset within one image of a (B, C, H, W) map."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(x.shape[1:], x.stride()[1:]))
 
 
 def _stencil_rows(tiles: int, height: int) -> int:
@@ -194,14 +204,17 @@ def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, out_ptr, H,
                            ss_c, ss_h, ss_w, ds_b, ds_c, ds_h, ds_w, gs_b, gs_c, gs_h, gs_w,
                            row_blocks, MIRRORED: tl.constexpr, HAS_BIAS: tl.constexpr,
                            ACTIVATION: tl.constexpr, ACTIVATION_GRAD: tl.constexpr,
-                           STORE_OUTPUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+                           STORE_OUTPUT: tl.constexpr, SAME_STRIDES: tl.constexpr,
+                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     # a[h, w] = sum_ij src[h + i - 1, w + j - 1] * tap[i, j] for ROWS output rows; dst is
     # activation(a), or with ACTIVATION_GRAD g * activation'(a) for the output gradient g (and
     # with STORE_OUTPUT activation(a) to out, which has dst's strides). Each
     # input row is loaded once (three column shifts) and feeds the three output rows it touches;
     # a rolling pair of accumulators holds the rows still open, and a row is stored when its
     # last input row has been added.
+    # Addresses are one image's base pointer plus a 32-bit offset tile within the image, shared
+    # by all tensors when their strides agree (SAME_STRIDES): tiles of 64-bit pointers, one per
+    # tensor, took most of the registers.
     program = tl.program_id(0)
     b = (program // row_blocks).to(tl.int64)
     h0 = (program % row_blocks) * ROWS
@@ -212,10 +225,17 @@ def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, out_ptr, H,
     mask_left = ((offs_w >= 1) & w_ok)[:, None] & c_mask
     mask_mid = w_ok[:, None] & c_mask
     mask_right = (offs_w + 1 < W)[:, None] & c_mask
-    src = src_ptr + b * ss_b + offs_w[:, None] * ss_w + offs_c[None, :] * ss_c
-    dst = dst_ptr + b * ds_b + offs_w[:, None] * ds_w + offs_c[None, :] * ds_c
-    out = out_ptr + b * ds_b + offs_w[:, None] * ds_w + offs_c[None, :] * ds_c
-    grad = g_ptr + b * gs_b + offs_w[:, None] * gs_w + offs_c[None, :] * gs_c
+    src = src_ptr + b * ss_b
+    dst = dst_ptr + b * ds_b
+    out = out_ptr + b * ds_b
+    grad = g_ptr + b * gs_b
+    s_offs = offs_w[:, None] * ss_w + offs_c[None, :] * ss_c
+    if SAME_STRIDES:
+        d_offs = s_offs
+        g_offs = s_offs
+    else:
+        d_offs = offs_w[:, None] * ds_w + offs_c[None, :] * ds_c
+        g_offs = offs_w[:, None] * gs_w + offs_c[None, :] * gs_c
     cm = offs_c < C
     t00 = _tap(w_ptr, offs_c, cm, 0, 0, MIRRORED)
     t01 = _tap(w_ptr, offs_c, cm, 0, 1, MIRRORED)
@@ -233,7 +253,7 @@ def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, out_ptr, H,
     acc_cur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # output row r
     for k in range(ROWS + 2):
         r = h0 - 1 + k
-        row = src + r * ss_h
+        row = src + r * ss_h + s_offs
         row_ok = (r >= 0) & (r < H)
         v0 = tl.load(row - ss_w, mask=row_ok & mask_left, other=0.).to(tl.float32)
         v1 = tl.load(row, mask=row_ok & mask_mid, other=0.).to(tl.float32)
@@ -243,14 +263,14 @@ def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, out_ptr, H,
         out_row = r - 1
         store_ok = (out_row >= h0) & (out_row < H) & (out_row < h0 + ROWS)
         if ACTIVATION_GRAD:
-            g = tl.load(grad + out_row * gs_h, mask=store_ok & mask_mid, other=0.)
+            g = tl.load(grad + out_row * gs_h + g_offs, mask=store_ok & mask_mid, other=0.)
             if STORE_OUTPUT:
-                tl.store(out + out_row * ds_h, _activation(done, ACTIVATION).to(
+                tl.store(out + out_row * ds_h + d_offs, _activation(done, ACTIVATION).to(
                     out_ptr.dtype.element_ty), mask=store_ok & mask_mid)
             done = g.to(tl.float32) * _activation_slope(done, ACTIVATION)
         else:
             done = _activation(done, ACTIVATION)
-        tl.store(dst + out_row * ds_h, done.to(dst_ptr.dtype.element_ty),
+        tl.store(dst + out_row * ds_h + d_offs, done.to(dst_ptr.dtype.element_ty),
                  mask=store_ok & mask_mid)
         acc_prev = acc_cur + v0 * t10 + v1 * t11 + v2 * t12
         acc_cur = v0 * t00 + v1 * t01 + v2 * t02
