@@ -22,7 +22,8 @@ from mmseg.registry import MODELS as MMSEG_MODELS
 from timm.layers import DropPath
 
 from ..ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
-from ..ops.fused import compute_dtype, ffn, group_norm_gate, layer_norm, modulate_norm
+from ..ops.fused import (add_layer_norm, compute_dtype, ffn, group_norm_gate, layer_norm,
+                         mixer_norm, modulate_norm)
 from .compiling import dense_conv, resolve_compile, run_compiled
 from .weights import check_outputs_finite, check_weights_on_load
 
@@ -155,15 +156,21 @@ class GroupedSS2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
-        G, d, N, R, L = self.groups, self.group_dims, self.d_state, self.dt_rank, H * W
+        tokens = x.reshape(B, H * W, C).transpose(1, 2).to(
+            compute_dtype(x), memory_format=torch.contiguous_format)
+        return self.forward_tokens(tokens, (H, W))
+
+    def forward_tokens(self, tokens: torch.Tensor, spatial_shape: Tuple[int, int]) -> torch.Tensor:
+        """tokens: (B, C, L) contiguous, channel-major, in the matmuls' dtype (the layer's input
+        norm writes them so) -> (B, H, W, C), a view of channel-major memory."""
+        B, C, L = tokens.shape
+        H, W = spatial_shape
+        G, d, N, R = self.groups, self.group_dims, self.d_state, self.dt_rank
         # Group-major, channel-major (B, G, d, L) from the input projection to the output
         # projection: the layout of the scan and of the depthwise convolution, in which every
-        # projection is one batched matmul over the groups. The layout change costs one copy of
-        # the normalised input, made in the matmuls' dtype (under autocast each matmul would
-        # otherwise cast its own copy); the output stays a channel-major view that the layer's
-        # tail reads in place.
-        tokens = x.reshape(B, L, G, d).permute(0, 2, 3, 1).to(
-            compute_dtype(x), memory_format=torch.contiguous_format)
+        # projection is one batched matmul over the groups. The output stays a channel-major
+        # view that the layer's tail reads in place.
+        tokens = tokens.view(B, G, d, L)
         u = torch.matmul(self.in_proj_weight[:, :d], tokens)
         z = torch.matmul(self.in_proj_weight[:, d:], tokens)
         u = depthwise_conv2d(u.view(B, C, H, W), self.conv.weight, self.conv.bias,
@@ -217,12 +224,15 @@ class GroupMambaLayer(nn.Module):
         self.proj = nn.Linear(embed_dims, embed_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _norm(self.norm, x)
-        affinity = (None if self.channel_affinity is None
-                    else self.channel_affinity(x.mean(dim=(1, 2))))
+        # The norm also writes the channel-major copy the mixer computes on, and the channel
+        # means.
+        x, tokens, mean = mixer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps,
+                                     compute_dtype(x), self.channel_affinity is not None)
+        affinity = None if self.channel_affinity is None else self.channel_affinity(mean)
         # LayerNorm(x * skip_scale * ssm(x) * affinity), the products and the norm in one pass.
-        y = modulate_norm(x, self.ssm(x), self.skip_scale, affinity, self.norm.weight,
-                          self.norm.bias, self.norm.eps)
+        m = self.ssm.forward_tokens(tokens, x.shape[1:3])
+        y = modulate_norm(x, m, self.skip_scale, affinity, self.norm.weight, self.norm.bias,
+                          self.norm.eps)
         return self.proj(y)
 
 
@@ -257,9 +267,11 @@ class GroupMambaBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.mixer(x))
-        # The FFN computes in the compute dtype: the norm writes that, not float32.
-        return x + self.drop_path(self.ffn(_norm(self.norm, x, compute_dtype(x))))
+        # The residual sum and the FFN's norm in one pass; the FFN computes in the compute
+        # dtype, which the norm writes (not float32).
+        x, h = add_layer_norm(x, self.drop_path(self.mixer(x)), self.norm.weight, self.norm.bias,
+                              self.norm.eps, compute_dtype(x))
+        return x + self.drop_path(self.ffn(h))
 
 
 class ClassBlock(nn.Module):

@@ -2,6 +2,9 @@
 
 - :func:`layer_norm`: LayerNorm over the channels of channels-last tokens, its output in the
   dtype the next layer computes in; on CUDA one Triton kernel each way (:mod:`.triton.layer_norm`);
+- :func:`add_layer_norm`: a residual sum and the LayerNorm of it, in one pass each way;
+- :func:`mixer_norm`: the GroupMamba layer's input norm, also writing the channel-major copy the
+  mixer computes on and the channel means; the same kernels;
 - :func:`group_norm_gate`: the SS2D output's per-group LayerNorm times ``SiLU(z)``; on CUDA one
   Triton kernel each way (:mod:`.triton.norm_gate`);
 - :func:`modulate_norm`: the GroupMamba layer's tail, ``LayerNorm(x * skip_scale * m *
@@ -26,8 +29,10 @@ from ._backends import check_backend, triton_unavailable
 from ._tracing import exporting, traced
 from .depthwise_conv import conv_activation_backward, depthwise_conv2d
 
-__all__ = ['compute_dtype', 'layer_norm', 'layer_norm_ref', 'group_norm_gate',
-           'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref', 'ffn', 'ffn_ref']
+__all__ = ['compute_dtype', 'layer_norm', 'layer_norm_ref', 'add_layer_norm',
+           'add_layer_norm_ref', 'mixer_norm', 'mixer_norm_ref',
+           'group_norm_gate', 'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref', 'ffn',
+           'ffn_ref']
 
 
 def _records_eager_backward() -> bool:
@@ -65,8 +70,64 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         return layer_norm_ref(x, weight, bias, eps, out_dtype)
     if torch.is_grad_enabled():
         return _LayerNorm.apply(x, weight, bias, eps, out_dtype, kernels)
-    out, _, _ = kernels.forward(_channel_rows(x), weight, bias, eps, out_dtype)
-    return out.view(x.shape)
+    return kernels.forward(_channel_rows(x), weight, bias, eps, out_dtype)[0].view(x.shape)
+
+
+def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype] = None, *,
+                   backend: Optional[str] = None):
+    """``total = x + branch`` (a residual connection) and :func:`layer_norm` of it, in one pass
+    on CUDA, whose backward also adds ``total``'s own gradient (autograd would add the two in
+    another pass over the map, and cast the branch's copy in a third).
+
+    Args:
+        x, branch: (..., C) tokens of one shape, any strides; ``total`` takes their promoted
+            dtype.
+        weight, bias, eps, out_dtype, backend: as for :func:`layer_norm`.
+
+    Returns:
+        ``(total, out)``, both (..., C).
+    """
+    kernels = _kernels('layer_norm', 'add_layer_norm', x, backend)
+    if out_dtype is None:
+        out_dtype = _autocast_layer_norm_dtype(x)
+    if kernels is None or torch.promote_types(x.dtype, branch.dtype) != x.dtype:
+        return add_layer_norm_ref(x, branch, weight, bias, eps, out_dtype)
+    if torch.is_grad_enabled():
+        return _AddLayerNorm.apply(x, branch, weight, bias, eps, out_dtype, kernels)
+    out, _, _, _, _, total = kernels.forward(_channel_rows(x), weight, bias, eps, out_dtype,
+                                             residual=_channel_rows(branch))
+    return total.view(x.shape), out.view(x.shape)
+
+
+def add_layer_norm_ref(x, branch, weight, bias, eps, out_dtype):
+    """:func:`add_layer_norm` in plain operators."""
+    total = x + branch
+    return total, layer_norm_ref(total, weight, bias, eps, out_dtype)
+
+
+class _AddLayerNorm(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, branch, weight, bias, eps, out_dtype, kernels):
+        out, mean, rstd, _, _, total = kernels.forward(
+            _channel_rows(x), weight, bias, eps, out_dtype, residual=_channel_rows(branch))
+        ctx.save_for_backward(total, weight, mean, rstd)
+        ctx.kernels, ctx.shape, ctx.bias_dtype = kernels, x.shape, bias.dtype
+        ctx.branch_dtype = branch.dtype
+        ctx.set_materialize_grads(False)
+        return total.view(x.shape), out.view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, grad_out):
+        total, weight, mean, rstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias, grad_branch = ctx.kernels.backward(
+            None if grad_out is None else _channel_rows(grad_out), total, weight, mean, rstd,
+            grad_input=None if grad_total is None else _channel_rows(grad_total),
+            residual_dtype=ctx.branch_dtype)
+        return (grad_x.view(ctx.shape), grad_branch.view(ctx.shape),
+                grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype), None, None, None)
 
 
 def _autocast_layer_norm_dtype(x: torch.Tensor) -> torch.dtype:
@@ -98,7 +159,7 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype, kernels):
         rows = _channel_rows(x)
-        out, mean, rstd = kernels.forward(rows, weight, bias, eps, out_dtype)
+        out, mean, rstd, _, _, _ = kernels.forward(rows, weight, bias, eps, out_dtype)
         ctx.save_for_backward(rows, weight, mean, rstd)
         ctx.kernels, ctx.shape, ctx.bias_dtype = kernels, x.shape, bias.dtype
         return out.view(x.shape)
@@ -107,10 +168,79 @@ class _LayerNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         rows, weight, mean, rstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = ctx.kernels.backward(
+        grad_x, grad_weight, grad_bias, _ = ctx.kernels.backward(
             _channel_rows(grad_out), rows, weight, mean, rstd)
         return (grad_x.view(ctx.shape), grad_weight.to(weight.dtype),
                 grad_bias.to(ctx.bias_dtype), None, None, None)
+
+
+def mixer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               token_dtype: torch.dtype, channel_mean: bool = True, *,
+               backend: Optional[str] = None):
+    """The GroupMamba layer's input norm: :func:`layer_norm` of (B, H, W, C) tokens, with the
+    output again channel-major (the layout of the mixer's matmuls, scan and convolution) in
+    ``token_dtype``, and its channel means (for the channel affinity); on CUDA one Triton kernel
+    each way, which also sums the three outputs' gradients (autograd would add them in three more
+    passes over the map, one of them a transposed copy).
+
+    Args:
+        x: (B, H, W, C) tokens, any strides.
+        weight, bias, eps: the LayerNorm's.
+        token_dtype: the channel-major copy's dtype (the matmuls' compute dtype).
+        channel_mean: also return the channel means; False: None in their place.
+        backend: as for :func:`group_norm_gate`.
+
+    Returns:
+        ``(out, tokens, mean)``: ``out`` (B, H, W, C) as :func:`layer_norm` gives it, ``tokens``
+        (B, C, H * W) contiguous in ``token_dtype``, ``mean`` (B, C), the mean of ``out`` over
+        H and W (float32 on CUDA), or None.
+    """
+    kernels = _kernels('layer_norm', 'mixer_norm', x, backend)
+    if kernels is None:
+        return mixer_norm_ref(x, weight, bias, eps, token_dtype, channel_mean)
+    if torch.is_grad_enabled():
+        return _MixerNorm.apply(x, weight, bias, eps, token_dtype, channel_mean, kernels)
+    B, H, W, C = x.shape
+    out, _, _, tokens, sums, _ = kernels.forward(
+        _channel_rows(x), weight, bias, eps, _autocast_layer_norm_dtype(x), B, token_dtype,
+        channel_mean)
+    return out.view(x.shape), tokens, None if sums is None else sums / (H * W)
+
+
+def mixer_norm_ref(x, weight, bias, eps, token_dtype, channel_mean=True):
+    """:func:`mixer_norm` in plain operators."""
+    B, H, W, C = x.shape
+    out = layer_norm_ref(x, weight, bias, eps, _autocast_layer_norm_dtype(x))
+    tokens = out.reshape(B, H * W, C).transpose(1, 2).to(
+        token_dtype, memory_format=torch.contiguous_format)
+    return out, tokens, out.mean(dim=(1, 2)) if channel_mean else None
+
+
+class _MixerNorm(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, token_dtype, channel_mean, kernels):
+        B, H, W, C = x.shape
+        rows = _channel_rows(x)
+        out, mean, rstd, tokens, sums, _ = kernels.forward(
+            rows, weight, bias, eps, _autocast_layer_norm_dtype(x), B, token_dtype,
+            channel_mean)
+        ctx.save_for_backward(rows, weight, mean, rstd)
+        ctx.kernels, ctx.shape, ctx.bias_dtype = kernels, x.shape, bias.dtype
+        ctx.set_materialize_grads(False)
+        return out.view(x.shape), tokens, None if sums is None else sums / (H * W)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_tokens, grad_mean):
+        rows, weight, mean, rstd = ctx.saved_tensors
+        B, H, W, C = ctx.shape
+        grad_x, grad_weight, grad_bias, _ = ctx.kernels.backward(
+            None if grad_out is None else _channel_rows(grad_out), rows, weight, mean, rstd, B,
+            None if grad_tokens is None else grad_tokens.contiguous(),
+            None if grad_mean is None else grad_mean / (H * W))
+        return (grad_x.view(ctx.shape), grad_weight.to(weight.dtype),
+                grad_bias.to(ctx.bias_dtype), None, None, None, None)
 
 
 def group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_in_triton_interpreter
-from mmgroupmamba.ops.fused import (_FFN, _GroupNormGate, ffn, ffn_ref, group_norm_gate,
-                                    group_norm_gate_ref, layer_norm, layer_norm_ref,
-                                    modulate_norm, modulate_norm_ref)
+from mmgroupmamba.ops.fused import (_FFN, _GroupNormGate, add_layer_norm, ffn, ffn_ref,
+                                    group_norm_gate, group_norm_gate_ref, layer_norm,
+                                    layer_norm_ref, mixer_norm, mixer_norm_ref, modulate_norm,
+                                    modulate_norm_ref)
 
 
 def test_memory_lean_functions_match_plain_autograd():
@@ -332,3 +333,162 @@ def test_layer_norm_triton_matches_torch_on_gpu(case):
                          out_dtype)
     ref = run_layer_norm(layer_norm_ref, x, weight, bias, grad_out, out_dtype, double=True)
     check_layer_norm(got, ref, x, out_dtype)
+
+
+# (B, H, W, C, channel means): C below, at and above a power of two; images of one and several
+# row blocks.
+MIXER_NORM_CASES = [(2, 3, 5, 6, True), (1, 7, 9, 64, True), (2, 2, 3, 87, False),
+                    (2, 33, 40, 16, True)]
+
+
+def run_mixer_norm(fn, x, weight, bias, grads, double=False):
+    """Outputs of ``fn`` (out, tokens, mean) and the gradients of x, weight and bias for the
+    output gradients ``grads`` (None: that output unused)."""
+    cast = (lambda t: t.double()) if double else (lambda t: t)
+    inputs = [cast(t).detach().requires_grad_() for t in (x, weight, bias)]
+    outs = fn(*inputs, 1e-5, torch.double if double else torch.bfloat16)
+    used = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    grad_inputs = torch.autograd.grad([o for o, _ in used],
+                                      inputs, [cast(g).to(o.dtype) for o, g in used])
+    return [o for o in outs if o is not None], list(grad_inputs)
+
+
+def mixer_norm_grads(B, H, W, C, with_mean, device='cpu'):
+    return [torch.randn(B, H, W, C, device=device), torch.randn(B, C, H * W, device=device),
+            torch.randn(B, C, device=device) if with_mean else None]
+
+
+def check_mixer_norm(got, ref):
+    """bf16 tokens and float32 everything else: relative errors within bf16's rounding for the
+    tokens, float32's for the rest (the tokens' gradient enters in bf16: 1e-2 there)."""
+    (outs, grads), (ref_outs, ref_grads) = got, ref
+    assert len(outs) == len(ref_outs)
+    for i, (a, b) in enumerate(zip(outs, ref_outs)):
+        tol = 1e-2 if i == 1 else 1e-5
+        assert a.shape == b.shape and ((a.double() - b).norm() / b.norm()) < tol, i
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert ((a.double() - b).norm() / b.norm()) < 1e-2, i
+
+
+def test_mixer_norm_reference():
+    """The plain operators: LayerNorm, its channel-major copy and its channel means."""
+    x, weight, bias, _ = layer_norm_case((2, 3, 4), 8, torch.float32)
+    out, tokens, mean = mixer_norm_ref(x, weight, bias, 1e-5, torch.bfloat16)
+    expected = F.layer_norm(x, (8, ), weight, bias, 1e-5)
+    torch.testing.assert_close(out, expected)
+    assert tokens.dtype == torch.bfloat16 and tokens.is_contiguous()
+    torch.testing.assert_close(tokens.float(), expected.flatten(1, 2).transpose(1, 2),
+                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(mean, expected.mean(dim=(1, 2)))
+    assert mixer_norm(x, weight, bias, 1e-5, torch.bfloat16, False)[2] is None
+
+
+MIXER_NORM_INTERPRETER_CHECK = textwrap.dedent('''
+    import sys
+    import torch
+    sys.path.insert(0, 'tests/ops')
+    from test_fused import MIXER_NORM_CASES, check_mixer_norm, mixer_norm_grads, run_mixer_norm
+    from mmgroupmamba.ops import fused
+    from mmgroupmamba.ops.triton import layer_norm as kernels
+    torch.manual_seed(0)
+    kernels._BWD_PROGRAMS = 3  # programs that loop over several row blocks
+    for B, H, W, C, with_mean in MIXER_NORM_CASES:
+        x = torch.randn(B, H, W, C)
+        weight, bias = torch.randn(C), torch.randn(C)
+        grads = mixer_norm_grads(B, H, W, C, with_mean)
+        # All outputs' gradients together, then each output alone (the others unused).
+        for used in [(0, 1, 2), (0, ), (1, ), (2, )]:
+            if not with_mean and 2 in used:
+                continue
+            part = [g if i in used else None for i, g in enumerate(grads)]
+            got = run_mixer_norm(lambda *a: fused._MixerNorm.apply(*a, with_mean, kernels),
+                                 x, weight, bias, part)
+            ref = run_mixer_norm(lambda *a: fused.mixer_norm_ref(*a, with_mean), x, weight,
+                                 bias, part, double=True)
+            check_mixer_norm(got, ref)
+    print('ok')
+''')
+
+
+def test_mixer_norm_kernels_in_interpreter():
+    """The kernels (the three outputs; the input, weight and bias gradients from every subset
+    of the outputs' gradients) against the float64 operators, run on the CPU by Triton's
+    interpreter."""
+    run_in_triton_interpreter(MIXER_NORM_INTERPRETER_CHECK)
+
+
+@requires_cuda
+@pytest.mark.parametrize('case', MIXER_NORM_CASES + [(128, 56, 56, 64, True),
+                                                     (2, 25, 38, 448, True)])
+def test_mixer_norm_triton_matches_torch_on_gpu(case):
+    torch.manual_seed(0)
+    B, H, W, C, with_mean = case
+    x = torch.randn(B, H, W, C, device='cuda')
+    weight, bias = torch.randn(C, device='cuda'), torch.randn(C, device='cuda')
+    grads = mixer_norm_grads(B, H, W, C, with_mean, device='cuda')
+    got = run_mixer_norm(lambda *a: mixer_norm(*a, with_mean, backend='triton'), x, weight,
+                         bias, grads)
+    ref = run_mixer_norm(lambda *a: mixer_norm_ref(*a, with_mean), x, weight, bias, grads,
+                         double=True)
+    check_mixer_norm(got, ref)
+
+
+def run_add_layer_norm(fn, x, branch, weight, bias, grads, out_dtype, double=False):
+    """Outputs (total, out) of ``fn`` and the gradients of x, branch, weight and bias for the
+    output gradients ``grads`` (None: that output unused)."""
+    cast = (lambda t: t.double()) if double else (lambda t: t)
+    inputs = [cast(t).detach().requires_grad_() for t in (x, branch, weight, bias)]
+    outs = fn(*inputs, 1e-5, torch.double if double else out_dtype)
+    used = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    needed = inputs if grads[1] is not None else inputs[:2]  # the norm's weights need its grad
+    return list(outs), list(torch.autograd.grad([o for o, _ in used], needed,
+                                                [cast(g).to(o.dtype) for o, g in used]))
+
+
+ADD_LAYER_NORM_INTERPRETER_CHECK = textwrap.dedent('''
+    import sys
+    import torch
+    sys.path.insert(0, 'tests/ops')
+    from test_fused import run_add_layer_norm
+    from mmgroupmamba.ops import fused
+    from mmgroupmamba.ops.triton import layer_norm as kernels
+    torch.manual_seed(0)
+    kernels._BWD_PROGRAMS = 3
+    # A float32 residual stream plus a bf16 branch, the norm written in bf16 or float32, and a
+    # bf16 stream (CPU autocast's); both outputs' gradients, then each alone.
+    for shape, C, dtype, out_dtype in [((2, 3, 5), 6, torch.float32, torch.bfloat16),
+                                       ((1, 70, 8), 87, torch.float32, torch.float32),
+                                       ((2, 4, 6), 16, torch.bfloat16, torch.bfloat16)]:
+        x, branch = torch.randn(*shape, C).to(dtype), torch.randn(*shape, C).bfloat16()
+        weight, bias = torch.randn(C), torch.randn(C)
+        grads = [torch.randn(*shape, C), torch.randn(*shape, C)]
+        for used in [(0, 1), (0, ), (1, )]:
+            part = [g if i in used else None for i, g in enumerate(grads)]
+            got = run_add_layer_norm(lambda *a: fused._AddLayerNorm.apply(*a, kernels), x,
+                                     branch, weight, bias, part, out_dtype)
+            ref = run_add_layer_norm(fused.add_layer_norm_ref, x, branch, weight, bias, part,
+                                     out_dtype, double=True)
+            assert [t.dtype for t in got[0]] == [dtype, out_dtype]
+            assert got[1][1].dtype == torch.bfloat16  # the branch's gradient in its dtype
+            tol = 1e-5 if torch.bfloat16 not in (dtype, out_dtype) else 2e-2
+            for i, (a, b) in enumerate(zip(got[0] + got[1], ref[0] + ref[1])):
+                bound = tol if i in (0, 1, 2) else 1e-2  # the branch's gradient is bf16
+                assert ((a.double() - b).norm() / b.norm()) < bound, (used, i)
+    print('ok')
+''')
+
+
+def test_add_layer_norm_kernels_in_interpreter():
+    """The residual sum and its norm (both outputs; the gradients of both addends, the weight
+    and the bias from each subset of the outputs' gradients) against the float64 operators, run
+    on the CPU by Triton's interpreter."""
+    run_in_triton_interpreter(ADD_LAYER_NORM_INTERPRETER_CHECK)
+
+
+def test_add_layer_norm_reference():
+    x, branch = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8).bfloat16()
+    weight, bias = torch.randn(8), torch.randn(8)
+    total, out = add_layer_norm(x, branch, weight, bias, 1e-6, torch.bfloat16)
+    torch.testing.assert_close(total, x + branch)
+    torch.testing.assert_close(out, F.layer_norm(x + branch, (8, ), weight, bias,
+                                                 1e-6).bfloat16())

@@ -1,14 +1,19 @@
 """Triton kernels of the LayerNorm over the channels of channels-last tokens
-(:func:`mmgroupmamba.ops.fused.layer_norm`).
+(:func:`mmgroupmamba.ops.fused.layer_norm` and :func:`~mmgroupmamba.ops.fused.mixer_norm`).
 
-Rows are tokens, ``(M, C)`` with contiguous channels; GroupMamba's widths (64 to 512) make
-short rows, for which PyTorch's kernel is slow. One program normalises ``BLOCK_M`` rows with
-all ``C`` channels in float32 and writes the output in the dtype the caller asks for (the
-compute dtype where a matmul follows), the per-row mean and reciprocal deviation. Backward
-writes the input gradient and per-program partial sums of the weight and bias gradients over a
-fixed number of programs (deterministic, no atomics), reduced afterwards.
+Tokens are ``B`` images of ``L`` rows of ``C`` channels, ``(B * L, C)`` with contiguous channels;
+GroupMamba's widths (64 to 512) make short rows, for which PyTorch's kernel is slow. One program
+normalises ``BLOCK_L`` rows of one image with all ``C`` channels in float32 and writes the output
+in the dtype the caller asks for, the per-row mean and reciprocal deviation, and optionally (for
+the GroupMamba layer's input) a channel-major copy ``(B, C, L)`` of the output and per-program
+channel sums of it (the channel means, once reduced). Backward sums the gradients of the outputs
+it was given and writes the input gradient and per-program partial sums of the weight and bias
+gradients over a fixed number of programs (deterministic, no atomics), reduced afterwards.
+Inside a block, the residual sum before the FFN's norm is made by the same pass (its input is
+``x + branch``, which it also writes), and backward adds the residual stream's gradient and writes
+the sum for both addends.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -24,34 +29,70 @@ _BWD_PROGRAMS = 1024
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-            out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x ``(M, C)`` with contiguous channels, weight and bias ``(C,)`` -> ``(out (M, C)
-    contiguous in out_dtype, mean (M,), rstd (M,))``, the statistics float32."""
+            out_dtype: torch.dtype, images: int = 1, token_dtype: Optional[torch.dtype] = None,
+            channel_sums: bool = False, residual: Optional[torch.Tensor] = None):
+    """x ``(images * L, C)`` with contiguous channels, weight and bias ``(C,)`` -> ``(out
+    (images * L, C) contiguous in out_dtype, mean, rstd, tokens, sums, total)``: the statistics
+    float32 ``(images * L,)``; with ``token_dtype``, ``tokens`` the output again as ``(images, C,
+    L)`` in that dtype (else None); with ``channel_sums``, ``sums`` the output's sums over each
+    image's rows, float32 ``(images, C)`` (else None). With ``residual`` (like x, contiguous
+    channels), the norm's input is ``total = x + residual`` (in x's dtype, contiguous; else
+    None)."""
     M, C = x.shape
+    L = M // images
     out = torch.empty((M, C), dtype=out_dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    block_c, block_m = _blocks(C, M, _TILE)
-    _layer_norm_fwd_kernel[(triton.cdiv(M, block_m), )](
-        x, weight.contiguous(), bias.contiguous(), out, mean, rstd, M, C, x.stride(0), eps,
-        BLOCK_M=block_m, BLOCK_C=block_c)
-    return out, mean, rstd
+    block_c, block_l = _blocks(C, L, _TILE)
+    l_blocks = triton.cdiv(L, block_l)
+    tokens = (None if token_dtype is None else
+              torch.empty((images, C, L), dtype=token_dtype, device=x.device))
+    partial = (torch.empty((images, l_blocks, C), dtype=torch.float32, device=x.device)
+               if channel_sums else None)
+    total = None if residual is None else torch.empty((M, C), dtype=x.dtype, device=x.device)
+    _layer_norm_fwd_kernel[(images, l_blocks)](
+        x, _or(residual, x), _or(total, x), weight.contiguous(), bias.contiguous(), out, mean,
+        rstd, _or(tokens, out), _or(partial, mean), L, C, x.stride(0),
+        x.stride(0) if residual is None else residual.stride(0), eps,
+        RESIDUAL=residual is not None, TOKENS=tokens is not None, SUMS=channel_sums,
+        BLOCK_L=block_l, BLOCK_C=block_c)
+    sums = partial.sum(dim=1) if channel_sums else None
+    return out, mean, rstd, tokens, sums, total
 
 
-def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-             rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad_out, x ``(M, C)`` with contiguous channels -> ``(grad_x (M, C) contiguous in x's
-    dtype, grad_weight (C,), grad_bias (C,))``, the last two float32."""
+def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+             mean: torch.Tensor, rstd: torch.Tensor, images: int = 1,
+             grad_tokens: Optional[torch.Tensor] = None,
+             grad_sums: Optional[torch.Tensor] = None,
+             grad_input: Optional[torch.Tensor] = None,
+             residual_dtype: Optional[torch.dtype] = None):
+    """The gradient at the output is the sum of those given: ``grad_out`` ``(images * L, C)``
+    with contiguous channels, ``grad_tokens`` (the channel-major copy's, ``(images, C, L)``
+    contiguous) and ``grad_sums`` (the channel sums', ``(images, C)``); ``x`` is the norm's
+    input. -> ``(grad_x (images * L, C) contiguous in x's dtype, grad_weight (C,), grad_bias
+    (C,), grad_residual)``, the weight and bias gradients float32. ``grad_input`` (like x,
+    contiguous channels) is a gradient that reaches the norm's input from elsewhere (the
+    residual stream's), added to grad_x; with ``residual_dtype``, ``grad_residual`` is grad_x
+    again in that dtype (else None)."""
     M, C = x.shape
+    L = M // images
     grad_x = torch.empty((M, C), dtype=x.dtype, device=x.device)
-    block_c, block_m = _blocks(C, M, _BWD_TILE)
-    programs = min(_BWD_PROGRAMS, triton.cdiv(M, block_m))
+    grad_residual = (None if residual_dtype is None else
+                     torch.empty((M, C), dtype=residual_dtype, device=x.device))
+    block_c, block_l = _blocks(C, L, _BWD_TILE)
+    l_blocks = triton.cdiv(L, block_l)
+    programs = min(_BWD_PROGRAMS, images * l_blocks)
     partial = torch.empty((2, programs, C), dtype=torch.float32, device=x.device)
     _layer_norm_bwd_kernel[(programs, )](
-        grad_out, x, weight.contiguous(), mean, rstd, grad_x, partial, M, C, grad_out.stride(0),
-        x.stride(0), BLOCK_M=block_m, BLOCK_C=block_c)
+        _or(grad_out, x), _or(grad_tokens, x), _or(grad_sums, x), _or(grad_input, x), x,
+        weight.contiguous(), mean, rstd, grad_x, _or(grad_residual, grad_x), partial, L, C,
+        images * l_blocks, l_blocks, x.stride(0) if grad_out is None else grad_out.stride(0),
+        x.stride(0) if grad_input is None else grad_input.stride(0), x.stride(0),
+        HAS_GRAD_OUT=grad_out is not None, HAS_GRAD_TOKENS=grad_tokens is not None,
+        HAS_GRAD_SUMS=grad_sums is not None, HAS_GRAD_INPUT=grad_input is not None,
+        RESIDUAL_GRAD=grad_residual is not None, BLOCK_L=block_l, BLOCK_C=block_c)
     sums = partial.sum(dim=1)
-    return grad_x, sums[0], sums[1]
+    return grad_x, sums[0], sums[1], grad_residual
 
 
 def compiled_kernel_count() -> int:
@@ -59,38 +100,65 @@ def compiled_kernel_count() -> int:
     return compiled_binaries(_layer_norm_fwd_kernel, _layer_norm_bwd_kernel)
 
 
-def _blocks(C: int, M: int, tile: int) -> Tuple[int, int]:
+def _blocks(C: int, L: int, tile: int) -> Tuple[int, int]:
     block_c = triton.next_power_of_2(C)
-    return block_c, max(1, min(triton.next_power_of_2(M), tile // block_c))
+    return block_c, max(1, min(triton.next_power_of_2(L), tile // block_c))
 
 
-@triton.jit(do_not_specialize=['M'])
-def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, M, C, xs_m, eps,
-                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _or(tensor: Optional[torch.Tensor], stand_in: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a tensor to pass for a pointer the kernel will not touch."""
+    return stand_in if tensor is None else tensor
+
+
+@triton.jit(do_not_specialize=['L'])
+def _layer_norm_fwd_kernel(x_ptr, r_ptr, total_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr,
+                           tokens_ptr, sums_ptr, L, C, xs_m, rs_m, eps, RESIDUAL: tl.constexpr,
+                           TOKENS: tl.constexpr, SUMS: tl.constexpr, BLOCK_L: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    rows = b * L + offs_l
     cols = tl.arange(0, BLOCK_C)
-    row_mask = rows < M
+    l_mask = offs_l < L
     c_mask = cols < C
-    mask = row_mask[:, None] & c_mask[None, :]
+    mask = l_mask[:, None] & c_mask[None, :]
     x = tl.load(x_ptr + rows[:, None] * xs_m + cols[None, :], mask=mask, other=0.)
+    if RESIDUAL:
+        # The residual stream's sum rounded to its dtype (as PyTorch adds it), then normalised.
+        r = tl.load(r_ptr + rows[:, None] * rs_m + cols[None, :], mask=mask, other=0.)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(total_ptr.dtype.element_ty)
+        tl.store(total_ptr + rows[:, None] * C + cols[None, :], x, mask=mask)
     x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / C
     centred = tl.where(mask, x - mean[:, None], 0.)
     rstd = 1. / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
     w = tl.load(w_ptr + cols, mask=c_mask, other=0.).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=c_mask, other=0.).to(tl.float32)
-    out = centred * rstd[:, None] * w[None, :] + b[None, :]
+    bias = tl.load(b_ptr + cols, mask=c_mask, other=0.).to(tl.float32)
+    out = centred * rstd[:, None] * w[None, :] + bias[None, :]
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty),
              mask=mask)
-    tl.store(mean_ptr + rows, mean, mask=row_mask)
-    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    tl.store(mean_ptr + rows, mean, mask=l_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=l_mask)
+    if TOKENS:
+        # Transposed in registers, so that the store runs along the tokens (contiguous there).
+        tokens = tokens_ptr + b * C * L + cols[:, None] * L + offs_l[None, :]
+        tl.store(tokens, tl.trans(out).to(tokens_ptr.dtype.element_ty),
+                 mask=c_mask[:, None] & l_mask[None, :])
+    if SUMS:
+        slot = (b * tl.num_programs(1) + tl.program_id(1)) * C + cols
+        tl.store(sums_ptr + slot, tl.sum(tl.where(mask, out, 0.), axis=0), mask=c_mask)
 
 
-@triton.jit(do_not_specialize=['M'])
-def _layer_norm_bwd_kernel(go_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, gx_ptr, partial_ptr, M, C,
-                           gos_m, xs_m, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Program p takes row blocks p, p + P, p + 2P, ... (P programs) and accumulates the weight
-    # and bias gradients of its rows, stored to partial[0, p] and partial[1, p].
+@triton.jit(do_not_specialize=['L', 'blocks', 'l_blocks'])
+def _layer_norm_bwd_kernel(go_ptr, gt_ptr, gs_ptr, gi_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr,
+                           gx_ptr, gr_ptr, partial_ptr, L, C, blocks, l_blocks, gos_m, gis_m, xs_m,
+                           HAS_GRAD_OUT: tl.constexpr, HAS_GRAD_TOKENS: tl.constexpr,
+                           HAS_GRAD_SUMS: tl.constexpr, HAS_GRAD_INPUT: tl.constexpr,
+                           RESIDUAL_GRAD: tl.constexpr, BLOCK_L: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+    # Program p takes blocks p, p + P, p + 2P, ... (P programs; block = image * l_blocks + row
+    # block) and accumulates the weight and bias gradients of its rows, stored to partial[0, p]
+    # and partial[1, p].
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_C)
@@ -98,21 +166,39 @@ def _layer_norm_bwd_kernel(go_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, gx_ptr, par
     w = tl.load(w_ptr + cols, mask=c_mask, other=0.).to(tl.float32)
     grad_w = tl.zeros((BLOCK_C, ), dtype=tl.float32)
     grad_b = tl.zeros((BLOCK_C, ), dtype=tl.float32)
-    for block in range(program, tl.cdiv(M, BLOCK_M), programs):
-        rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        row_mask = rows < M
-        mask = row_mask[:, None] & c_mask[None, :]
+    for block in range(program, blocks, programs):
+        offs_l = (block % l_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+        rows = ((block // l_blocks) * L + offs_l).to(tl.int64)
+        first = rows - offs_l  # the image's first row, b * L
+        l_mask = offs_l < L
+        mask = l_mask[:, None] & c_mask[None, :]
         x = tl.load(x_ptr + rows[:, None] * xs_m + cols[None, :], mask=mask, other=0.)
-        go = tl.load(go_ptr + rows[:, None] * gos_m + cols[None, :], mask=mask, other=0.)
-        go = go.to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.)
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.)
+        go = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+        if HAS_GRAD_OUT:
+            go += tl.load(go_ptr + rows[:, None] * gos_m + cols[None, :], mask=mask,
+                          other=0.).to(tl.float32)
+        if HAS_GRAD_TOKENS:
+            tokens = gt_ptr + first[None, :] * C + cols[:, None] * L + offs_l[None, :]
+            go += tl.trans(tl.load(tokens, mask=c_mask[:, None] & l_mask[None, :],
+                                   other=0.).to(tl.float32))
+        if HAS_GRAD_SUMS:
+            go += tl.load(gs_ptr + (first // L)[:, None] * C + cols[None, :], mask=mask,
+                          other=0.).to(tl.float32)
+        go = tl.where(mask, go, 0.)
+        mean = tl.load(mean_ptr + rows, mask=l_mask, other=0.)
+        rstd = tl.load(rstd_ptr + rows, mask=l_mask, other=0.)
         x_hat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.)
         grad_hat = go * w[None, :]
         grad_x = rstd[:, None] * (grad_hat - (tl.sum(grad_hat, axis=1) / C)[:, None]
                                   - x_hat * (tl.sum(grad_hat * x_hat, axis=1) / C)[:, None])
+        if HAS_GRAD_INPUT:
+            grad_x += tl.load(gi_ptr + rows[:, None] * gis_m + cols[None, :], mask=mask,
+                              other=0.).to(tl.float32)
         tl.store(gx_ptr + rows[:, None] * C + cols[None, :],
                  grad_x.to(gx_ptr.dtype.element_ty), mask=mask)
+        if RESIDUAL_GRAD:
+            tl.store(gr_ptr + rows[:, None] * C + cols[None, :],
+                     grad_x.to(gr_ptr.dtype.element_ty), mask=mask)
         grad_w += tl.sum(go * x_hat, axis=0)
         grad_b += tl.sum(go, axis=0)
     tl.store(partial_ptr + program * C + cols, grad_w, mask=c_mask)
