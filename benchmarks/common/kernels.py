@@ -154,6 +154,15 @@ def depthwise_benchmark_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def token_maps(arch: str, batch: int, size: int) -> Iterator[Tuple[str, Tuple[int, int, int, int]]]:
+    """``(name, (B, H, W, C))`` of a GroupMamba variant's channels-last token maps per stage at
+    ``size`` x ``size`` images (what its norms, residual sums and layer tails run on)."""
+    from mmgroupmamba.models.groupmamba import ARCH_SETTINGS  # the model's registries load late
+    for stage, dims in enumerate(ARCH_SETTINGS[arch]['embed_dims']):
+        side = size // 4 >> stage
+        yield f'stage {stage + 1}', (batch, side, side, dims)
+
+
 def depthwise_maps(arch: str, batch: int, size: int
                    ) -> Iterator[Tuple[str, Tuple[int, int, int, int], bool, str]]:
     """``(name, (B, C, H, W), channels_last, activation)`` of a GroupMamba variant's depthwise

@@ -6,7 +6,7 @@ import torch
 
 from common.kernels import (SCAN_SHAPES, candidate_stencil_tiles, candidate_tiles,
                             chunk_lengths, depthwise_maps, parse_scan_shape,
-                            scan_benchmark_parser, scan_inputs, scan_io_bytes)
+                            scan_benchmark_parser, scan_inputs, scan_io_bytes, token_maps)
 from mmgroupmamba.ops import torch_scan
 
 
@@ -55,6 +55,12 @@ def test_depthwise_maps_are_the_models():
     assert maps[0] == ('stage 1 FFN', (128, 512, 56, 56), True, 'gelu')
     assert maps[1] == ('stage 1 SS2D', (128, 64, 56, 56), False, 'silu')
     assert maps[-1] == ('stage 4 SS2D', (128, 448, 7, 7), False, 'silu')
+
+
+def test_token_maps_are_the_models():
+    maps = list(token_maps('tiny', 128, 224))
+    assert maps[0] == ('stage 1', (128, 56, 56, 64))
+    assert maps[-1] == ('stage 4', (128, 7, 7, 448))
 
 
 def test_stencil_candidates():
