@@ -120,7 +120,7 @@ def _conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 def conv_activation_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                              bias: Optional[torch.Tensor], activation: str, *,
-                             backend: Optional[str] = None):
+                             input_grad_sums: bool = False, backend: Optional[str] = None):
     """Backward of ``depthwise_conv2d(x, weight, bias, activation=activation)`` that also gives
     back its output, recomputed by the pass that recomputes the convolution for the activation's
     slope (on CUDA one stencil pass writes both).
@@ -129,18 +129,24 @@ def conv_activation_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torc
     weight gradient takes it. Outside autograd (it is a backward).
 
     Returns:
-        ``(y, grad_x, grad_weight, grad_bias)``, y and grad_x like x, grad_bias None without bias.
+        ``(y, grad_x, grad_weight, grad_bias)``, y and grad_x like x, grad_bias None without bias;
+        with ``input_grad_sums`` a fifth, grad_x summed per channel (float32 ``(C,)``: the bias
+        gradient of a layer that feeds the convolution), which on CUDA the pass writing grad_x
+        also makes.
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f'activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}')
     check_backend(backend)
-    return _backward_impl(grad_y, x, weight, bias, activation, backend or '', with_output=True)
+    return _backward_impl(grad_y, x, weight, bias, activation, backend or '', with_output=True,
+                          input_grad_sums=input_grad_sums)
 
 
-def _backward_impl(grad_y, x, weight, bias, activation, backend, with_output=False):
+def _backward_impl(grad_y, x, weight, bias, activation, backend, with_output=False,
+                   input_grad_sums=False):
     """``(grad_x, grad_weight, grad_bias)`` in the inputs' dtypes; grad_bias None without bias.
     With an activation, the gradient at the pre-activation comes first, from the convolution
-    recomputed; ``with_output`` (an activation given) puts the recomputed output in front."""
+    recomputed; ``with_output`` (an activation given) puts the recomputed output in front;
+    ``input_grad_sums`` appends grad_x's per-channel sums (float32 ``(C,)``)."""
     triton_impl = _triton_for(x, weight, backend)
     with_bias = bias is not None
     y = None
@@ -151,7 +157,8 @@ def _backward_impl(grad_y, x, weight, bias, activation, backend, with_output=Fal
                                                      with_output=with_output)
                 if with_output:
                     grad_y, y = grad_y
-            grad_x, grad_weight, grad_bias = triton_impl.backward(grad_y, x, weight, with_bias)
+            grad_x, grad_weight, grad_bias, *sums = triton_impl.backward(
+                grad_y, x, weight, with_bias, input_grad_sums=input_grad_sums)
         else:
             k, dtype = weight.shape[-1], _compute_dtype(x)
             if activation:
@@ -166,11 +173,13 @@ def _backward_impl(grad_y, x, weight, bias, activation, backend, with_output=Fal
                 [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], x.shape[1],
                 [True, True, with_bias])
             grad_x = _like(x, grad_x)
+            sums = ([grad_x.sum(dim=(0, 2, 3), dtype=torch.float32)] if input_grad_sums
+                    else [])
     grad_bias = grad_bias.to(weight.dtype) if with_bias else None
     # In the weight's dtype and strides: the gradient of a channels-last convolution may stride
     # the size-1 input-channel axis differently, which DistributedDataParallel's gradient buckets
     # take for a layout mismatch (a warning and a copy per step).
-    grads = (grad_x, torch.empty_like(weight).copy_(grad_weight), grad_bias)
+    grads = (grad_x, torch.empty_like(weight).copy_(grad_weight), grad_bias, *sums)
     return (y, ) + grads if with_output else grads
 
 

@@ -461,12 +461,6 @@ def _conv_gelu(h: torch.Tensor, weight: Optional[torch.Tensor],
                             activation='gelu').permute(0, 2, 3, 1)
 
 
-def _linear_backward(grad_out, x, weight):
-    """(grad_x, grad_weight, grad_bias) of ``F.linear(x, weight, bias)`` over (..., features)."""
-    rows = grad_out.flatten(0, -2)
-    return grad_out @ weight, rows.t() @ x.flatten(0, -2), rows.sum(0)
-
-
 class _FFN(torch.autograd.Function):
 
     @staticmethod
@@ -497,16 +491,21 @@ class _FFN(torch.autograd.Function):
             if conv_weight is None:
                 act = F.gelu(h)
                 grad_h = torch.ops.aten.gelu_backward(grad_act, h)
+                grad_fc1_bias = grad_h.flatten(0, -2).sum(0)
             else:
-                act, grad_h, grad_conv_weight, grad_conv_bias = conv_activation_backward(
-                    grad_act.permute(0, 3, 1, 2), h.permute(0, 3, 1, 2), conv_weight, conv_bias,
-                    'gelu')
+                # fc1's bias gradient comes from the pass that writes grad_h, not from another
+                # read of the hidden map.
+                act, grad_h, grad_conv_weight, grad_conv_bias, grad_fc1_bias = (
+                    conv_activation_backward(grad_act.permute(0, 3, 1, 2), h.permute(0, 3, 1, 2),
+                                             conv_weight, conv_bias, 'gelu',
+                                             input_grad_sums=True))
                 act, grad_h = act.permute(0, 2, 3, 1), grad_h.permute(0, 2, 3, 1)
             del h, grad_act
             rows = grad_out.flatten(0, -2)
             grad_fc2_weight, grad_fc2_bias = rows.t() @ act.flatten(0, -2), rows.sum(0)
             del act
-            grad_x, grad_fc1_weight, grad_fc1_bias = _linear_backward(grad_h, x, fc1_weight_c)
+            grad_x = grad_h @ fc1_weight_c
+            grad_fc1_weight = grad_h.flatten(0, -2).t() @ x.flatten(0, -2)
         return (grad_x, grad_fc1_weight.to(fc1_weight.dtype), grad_fc1_bias.to(fc1_bias.dtype),
                 grad_conv_weight, grad_conv_bias, grad_fc2_weight.to(fc2_weight.dtype),
                 grad_fc2_bias.to(fc2_weight.dtype))

@@ -146,6 +146,11 @@ INTERPRETER_CHECK = textwrap.dedent('''
                                                                 activation, with_output=True)
             assert torch.equal(grad_a2, grad_a) and torch.equal(y2, y), (case, rows)
         grad_x, grad_w, grad_b = triton_depthwise_conv.backward(grad_a, x, weight, bias is not None)
+        # The same pass may also sum the input gradient per channel.
+        *again, sums = triton_depthwise_conv.backward(grad_a, x, weight, bias is not None,
+                                                      input_grad_sums=True)
+        assert torch.equal(again[0], grad_x), (case, rows)
+        assert torch.allclose(sums, grad_x.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5), (case, rows)
         outs = [y, grad_x, grad_w] + ([grad_b] if bias is not None else [])
         for out, ref in zip(outs, reference(x, weight, bias, grad_y, activation)):
             assert out.shape == ref.shape, (case, out.shape, ref.shape)

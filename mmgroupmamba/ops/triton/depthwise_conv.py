@@ -88,13 +88,15 @@ def activation_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 
 def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool, *,
-             cfg: Optional[StencilConfig] = None
-             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(grad_x like x, grad_weight float32 ``(C, 1, 3, 3)``, grad_bias float32 ``(C,)`` or None).
-    ``cfg`` overrides :func:`plan` for the input gradient's stencil."""
+             input_grad_sums: bool = False, cfg: Optional[StencilConfig] = None):
+    """(grad_x like x, grad_weight float32 ``(C, 1, 3, 3)``, grad_bias float32 ``(C,)`` or None),
+    and with ``input_grad_sums`` a fourth: grad_x summed over images and positions, float32
+    ``(C,)``, from the pass that writes grad_x (the bias gradient of a layer before the
+    convolution). ``cfg`` overrides :func:`plan` for the input gradient's stencil."""
     assert weight.shape[-1] == 3, 'the weight-gradient kernel is written for 3 x 3 taps'
     grad_x = torch.empty_like(x)
-    _stencil(grad_y, weight, None, grad_x, mirrored=True, cfg=cfg)
+    sums_x = _stencil(grad_y, weight, None, grad_x, mirrored=True, column_sums=input_grad_sums,
+                      cfg=cfg)
     B, C, H, W = x.shape
     block_w, block_c = _blocks(x, _WGRAD_TILE)
     row_blocks = triton.cdiv(H, _WGRAD_ROWS)
@@ -105,6 +107,8 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_b
     sums = partial.sum(0)
     grad_weight = sums[:9].t().contiguous().view(C, 1, 3, 3)
     grad_bias = sums[9].clone() if with_bias else None
+    if input_grad_sums:
+        return grad_x, grad_weight, grad_bias, sums_x
     return grad_x, grad_weight, grad_bias
 
 
@@ -125,7 +129,9 @@ def _blocks(x: torch.Tensor, tile: int = _TILE) -> Tuple[int, int]:
 
 
 def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y=None,
-             out=None, cfg: Optional[StencilConfig] = None):
+             out=None, column_sums: bool = False, cfg: Optional[StencilConfig] = None):
+    """Launches the stencil kernel; with ``column_sums`` returns dst's sums per channel (float32
+    ``(C,)``, of the values before rounding to dst's dtype), else None."""
     B, C, H, W = src.shape
     block_w, block_c, rows, warps = plan(dst) if cfg is None else cfg
     row_blocks = triton.cdiv(H, rows)
@@ -143,11 +149,17 @@ def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y
         raise ValueError(f'depthwise_conv2d: one image of {tuple(src.shape[1:])} spans 2^31 '
                          'elements or more; the Triton stencil indexes an image with 32-bit '
                          "offsets (use backend='torch')")
-    _dwconv_stencil_kernel[(B * row_blocks, triton.cdiv(W, block_w), triton.cdiv(C, block_c))](
-        src, weight, bias, dst, grad_y, out if store_output else dst, H, W, C, *src.stride(),
+    grid = (B * row_blocks, triton.cdiv(W, block_w), triton.cdiv(C, block_c))
+    partial = (torch.empty((grid[0] * grid[1], C), dtype=torch.float32, device=src.device)
+               if column_sums else dst)
+    _dwconv_stencil_kernel[grid](
+        src, weight, bias, dst, grad_y, out if store_output else dst, partial, H, W, C,
+        *src.stride(),
         *dst.stride(), *grad_y.stride(), row_blocks, MIRRORED=mirrored, HAS_BIAS=has_bias,
         ACTIVATION=activation, ACTIVATION_GRAD=with_grad, STORE_OUTPUT=store_output,
-        SAME_STRIDES=same_strides, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+        SAME_STRIDES=same_strides, COLUMN_SUMS=column_sums, ROWS=rows, BLOCK_W=block_w,
+        BLOCK_C=block_c, num_warps=warps)
+    return partial.sum(dim=0) if column_sums else None
 
 
 def _image_extent(x: torch.Tensor) -> int:
@@ -200,11 +212,13 @@ def _activation_slope(a, ACTIVATION: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=['H', 'W', 'row_blocks'])
-def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, out_ptr, H, W, C, ss_b,
+def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, out_ptr, sums_ptr, H, W, C,
+                           ss_b,
                            ss_c, ss_h, ss_w, ds_b, ds_c, ds_h, ds_w, gs_b, gs_c, gs_h, gs_w,
                            row_blocks, MIRRORED: tl.constexpr, HAS_BIAS: tl.constexpr,
                            ACTIVATION: tl.constexpr, ACTIVATION_GRAD: tl.constexpr,
                            STORE_OUTPUT: tl.constexpr, SAME_STRIDES: tl.constexpr,
+                           COLUMN_SUMS: tl.constexpr,
                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     # a[h, w] = sum_ij src[h + i - 1, w + j - 1] * tap[i, j] for ROWS output rows; dst is
     # activation(a), or with ACTIVATION_GRAD g * activation'(a) for the output gradient g (and
@@ -249,6 +263,7 @@ def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, out_ptr, H,
     bias = tl.zeros((1, BLOCK_C), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_c, mask=cm, other=0.).to(tl.float32)[None, :]
+    col_sums = tl.zeros((BLOCK_C, ), dtype=tl.float32)
     acc_prev = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # output row r - 1
     acc_cur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # output row r
     for k in range(ROWS + 2):
@@ -272,8 +287,14 @@ def _dwconv_stencil_kernel(src_ptr, w_ptr, bias_ptr, dst_ptr, g_ptr, out_ptr, H,
             done = _activation(done, ACTIVATION)
         tl.store(dst + out_row * ds_h + d_offs, done.to(dst_ptr.dtype.element_ty),
                  mask=store_ok & mask_mid)
+        if COLUMN_SUMS:
+            col_sums += tl.sum(tl.where(store_ok & mask_mid, done, 0.), axis=0)
         acc_prev = acc_cur + v0 * t10 + v1 * t11 + v2 * t12
         acc_cur = v0 * t00 + v1 * t01 + v2 * t02
+    if COLUMN_SUMS:
+        # One row of per-channel sums per (image and row block, column block) program.
+        slot = (program * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * C
+        tl.store(sums_ptr + slot + offs_c, col_sums, mask=cm)
 
 
 @triton.jit
