@@ -336,9 +336,9 @@ def test_layer_norm_triton_matches_torch_on_gpu(case):
 
 
 # (B, H, W, C, channel means): C below, at and above a power of two; images of one and several
-# row blocks.
+# row blocks; the classifier's class token (one row per image, stage 4's width).
 MIXER_NORM_CASES = [(2, 3, 5, 6, True), (1, 7, 9, 64, True), (2, 2, 3, 87, False),
-                    (2, 33, 40, 16, True)]
+                    (2, 33, 40, 16, True), (3, 1, 1, 448, True)]
 
 
 def run_mixer_norm(fn, x, weight, bias, grads, double=False):

@@ -26,6 +26,7 @@ from .common import compiled_binaries
 _TILE = 4096
 _BWD_TILE = 2048
 _BWD_PROGRAMS = 1024
+_MIN_ROWS = 16
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -43,7 +44,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     out = torch.empty((M, C), dtype=out_dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    block_c, block_l = _blocks(C, L, _TILE)
+    block_c, block_l, warps = _blocks(C, L, _TILE)
     l_blocks = triton.cdiv(L, block_l)
     tokens = (None if token_dtype is None else
               torch.empty((images, C, L), dtype=token_dtype, device=x.device))
@@ -55,7 +56,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
         rstd, _or(tokens, out), _or(partial, mean), L, C, x.stride(0),
         x.stride(0) if residual is None else residual.stride(0), eps,
         RESIDUAL=residual is not None, TOKENS=tokens is not None, SUMS=channel_sums,
-        BLOCK_L=block_l, BLOCK_C=block_c)
+        BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
     sums = partial.sum(dim=1) if channel_sums else None
     return out, mean, rstd, tokens, sums, total
 
@@ -79,7 +80,7 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
     grad_x = torch.empty((M, C), dtype=x.dtype, device=x.device)
     grad_residual = (None if residual_dtype is None else
                      torch.empty((M, C), dtype=residual_dtype, device=x.device))
-    block_c, block_l = _blocks(C, L, _BWD_TILE)
+    block_c, block_l, warps = _blocks(C, L, _BWD_TILE)
     l_blocks = triton.cdiv(L, block_l)
     programs = min(_BWD_PROGRAMS, images * l_blocks)
     partial = torch.empty((2, programs, C), dtype=torch.float32, device=x.device)
@@ -90,7 +91,8 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
         x.stride(0) if grad_input is None else grad_input.stride(0), x.stride(0),
         HAS_GRAD_OUT=grad_out is not None, HAS_GRAD_TOKENS=grad_tokens is not None,
         HAS_GRAD_SUMS=grad_sums is not None, HAS_GRAD_INPUT=grad_input is not None,
-        RESIDUAL_GRAD=grad_residual is not None, BLOCK_L=block_l, BLOCK_C=block_c)
+        RESIDUAL_GRAD=grad_residual is not None, BLOCK_L=block_l, BLOCK_C=block_c,
+        num_warps=warps)
     sums = partial.sum(dim=1)
     return grad_x, sums[0], sums[1], grad_residual
 
@@ -100,9 +102,13 @@ def compiled_kernel_count() -> int:
     return compiled_binaries(_layer_norm_fwd_kernel, _layer_norm_bwd_kernel)
 
 
-def _blocks(C: int, L: int, tile: int) -> Tuple[int, int]:
+def _blocks(C: int, L: int, tile: int) -> Tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_L, warps): all channels by the rows of about ``tile`` elements, at least
+    16 rows (the channel-major copy stores runs of BLOCK_L tokens), 8 warps past 4096
+    elements."""
     block_c = triton.next_power_of_2(C)
-    return block_c, max(1, min(triton.next_power_of_2(L), tile // block_c))
+    block_l = max(_MIN_ROWS, min(triton.next_power_of_2(L), tile // block_c))
+    return block_c, block_l, 8 if block_c * block_l > 4096 else 4
 
 
 def _or(tensor: Optional[torch.Tensor], stand_in: torch.Tensor) -> torch.Tensor:
