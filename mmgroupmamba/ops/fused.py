@@ -63,14 +63,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         (..., C) in ``out_dtype``. Eager training on CUDA keeps x and the statistics for
         backward.
     """
-    if out_dtype is None:
-        out_dtype = _autocast_layer_norm_dtype(x)
+    out_dtype = out_dtype or _autocast_layer_norm_dtype(x)
     kernels = _kernels('layer_norm', 'layer_norm', x, backend)
     if kernels is None:
         return layer_norm_ref(x, weight, bias, eps, out_dtype)
-    if torch.is_grad_enabled():
-        return _LayerNorm.apply(x, weight, bias, eps, out_dtype, kernels)
-    return kernels.forward(_channel_rows(x), weight, bias, eps, out_dtype)[0].view(x.shape)
+    return _token_norm(x, None, weight, bias, eps, out_dtype, 1, None, False, kernels)[0]
 
 
 def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor,
@@ -88,90 +85,19 @@ def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor,
     Returns:
         ``(total, out)``, both (..., C).
     """
+    out_dtype = out_dtype or _autocast_layer_norm_dtype(x)
     kernels = _kernels('layer_norm', 'add_layer_norm', x, backend)
-    if out_dtype is None:
-        out_dtype = _autocast_layer_norm_dtype(x)
     if kernels is None or torch.promote_types(x.dtype, branch.dtype) != x.dtype:
         return add_layer_norm_ref(x, branch, weight, bias, eps, out_dtype)
-    if torch.is_grad_enabled():
-        return _AddLayerNorm.apply(x, branch, weight, bias, eps, out_dtype, kernels)
-    out, _, _, _, _, total = kernels.forward(_channel_rows(x), weight, bias, eps, out_dtype,
-                                             residual=_channel_rows(branch))
-    return total.view(x.shape), out.view(x.shape)
+    out, total, _, _ = _token_norm(x, branch, weight, bias, eps, out_dtype, 1, None, False,
+                                   kernels)
+    return total, out
 
 
 def add_layer_norm_ref(x, branch, weight, bias, eps, out_dtype):
     """:func:`add_layer_norm` in plain operators."""
     total = x + branch
     return total, layer_norm_ref(total, weight, bias, eps, out_dtype)
-
-
-class _AddLayerNorm(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x, branch, weight, bias, eps, out_dtype, kernels):
-        out, mean, rstd, _, _, total = kernels.forward(
-            _channel_rows(x), weight, bias, eps, out_dtype, residual=_channel_rows(branch))
-        ctx.save_for_backward(total, weight, mean, rstd)
-        ctx.kernels, ctx.shape, ctx.bias_dtype = kernels, x.shape, bias.dtype
-        ctx.branch_dtype = branch.dtype
-        ctx.set_materialize_grads(False)
-        return total.view(x.shape), out.view(x.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total, grad_out):
-        total, weight, mean, rstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias, grad_branch = ctx.kernels.backward(
-            None if grad_out is None else _channel_rows(grad_out), total, weight, mean, rstd,
-            grad_input=None if grad_total is None else _channel_rows(grad_total),
-            residual_dtype=ctx.branch_dtype)
-        return (grad_x.view(ctx.shape), grad_branch.view(ctx.shape),
-                grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype), None, None, None)
-
-
-def _autocast_layer_norm_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype ``F.layer_norm(x)`` returns: CUDA's autocast runs it in float32, CPU's in the
-    input's dtype (so the kernels, under Triton's interpreter on the CPU, return what PyTorch's
-    CPU path returns)."""
-    if x.device.type == 'cuda' and torch.is_autocast_enabled('cuda'):
-        return torch.promote_types(x.dtype, torch.float32)
-    return x.dtype
-
-
-def layer_norm_ref(x, weight, bias, eps, out_dtype):
-    """:func:`layer_norm` in plain operators."""
-    return F.layer_norm(x, (x.shape[-1], ), weight, bias, eps).to(out_dtype)
-
-
-def _channel_rows(x: torch.Tensor) -> torch.Tensor:
-    """(..., C) -> an (M, C) view with contiguous channels (a copy where the rows do not merge)."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    try:
-        return x.view(-1, x.shape[-1])
-    except RuntimeError:
-        return x.reshape(-1, x.shape[-1])
-
-
-class _LayerNorm(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, out_dtype, kernels):
-        rows = _channel_rows(x)
-        out, mean, rstd, _, _, _ = kernels.forward(rows, weight, bias, eps, out_dtype)
-        ctx.save_for_backward(rows, weight, mean, rstd)
-        ctx.kernels, ctx.shape, ctx.bias_dtype = kernels, x.shape, bias.dtype
-        return out.view(x.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        rows, weight, mean, rstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias, _ = ctx.kernels.backward(
-            _channel_rows(grad_out), rows, weight, mean, rstd)
-        return (grad_x.view(ctx.shape), grad_weight.to(weight.dtype),
-                grad_bias.to(ctx.bias_dtype), None, None, None)
 
 
 def mixer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -198,13 +124,9 @@ def mixer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     kernels = _kernels('layer_norm', 'mixer_norm', x, backend)
     if kernels is None:
         return mixer_norm_ref(x, weight, bias, eps, token_dtype, channel_mean)
-    if torch.is_grad_enabled():
-        return _MixerNorm.apply(x, weight, bias, eps, token_dtype, channel_mean, kernels)
-    B, H, W, C = x.shape
-    out, _, _, tokens, sums, _ = kernels.forward(
-        _channel_rows(x), weight, bias, eps, _autocast_layer_norm_dtype(x), B, token_dtype,
-        channel_mean)
-    return out.view(x.shape), tokens, None if sums is None else sums / (H * W)
+    out, _, tokens, mean = _token_norm(x, None, weight, bias, eps, _autocast_layer_norm_dtype(x),
+                                       x.shape[0], token_dtype, channel_mean, kernels)
+    return out, tokens, mean
 
 
 def mixer_norm_ref(x, weight, bias, eps, token_dtype, channel_mean=True):
@@ -216,31 +138,85 @@ def mixer_norm_ref(x, weight, bias, eps, token_dtype, channel_mean=True):
     return out, tokens, out.mean(dim=(1, 2)) if channel_mean else None
 
 
-class _MixerNorm(torch.autograd.Function):
+def layer_norm_ref(x, weight, bias, eps, out_dtype):
+    """:func:`layer_norm` in plain operators."""
+    return F.layer_norm(x, (x.shape[-1], ), weight, bias, eps).to(out_dtype)
+
+
+def _autocast_layer_norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.layer_norm(x)`` returns: CUDA's autocast runs it in float32, CPU's in the
+    input's dtype (so the kernels, under Triton's interpreter on the CPU, return what PyTorch's
+    CPU path returns)."""
+    if x.device.type == 'cuda' and torch.is_autocast_enabled('cuda'):
+        return torch.promote_types(x.dtype, torch.float32)
+    return x.dtype
+
+
+def _token_norm(x, branch, weight, bias, eps, out_dtype, images, token_dtype, channel_mean,
+                kernels):
+    """The three token norms on the kernels of :mod:`.triton.layer_norm`: ``(out, total, tokens,
+    mean)`` for the norm's input ``x`` (+ ``branch``, unless None), (..., C) rows of ``images``
+    images, each output None where not asked for (``total`` without a branch, ``tokens``
+    without ``token_dtype``, ``mean`` without ``channel_mean``)."""
+    args = (x, branch, weight, bias, eps, out_dtype, images, token_dtype, channel_mean, kernels)
+    if torch.is_grad_enabled():
+        return _TokenNorm.apply(*args)
+    return _token_norm_forward(*args)[0]
+
+
+def _token_norm_forward(x, branch, weight, bias, eps, out_dtype, images, token_dtype,
+                        channel_mean, kernels):
+    """-> (the outputs of :func:`_token_norm`, (norm input rows, mean, rstd) for backward)."""
+    rows = _channel_rows(x)
+    out, mean, rstd, tokens, sums, total = kernels.forward(
+        rows, weight, bias, eps, out_dtype, images, token_dtype, channel_mean,
+        None if branch is None else _channel_rows(branch))
+    channel_means = None if sums is None else sums / (rows.shape[0] // images)
+    outs = (out.view(x.shape), None if total is None else total.view(x.shape), tokens,
+            channel_means)
+    return outs, (rows if total is None else total, mean, rstd)
+
+
+def _channel_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> an (M, C) view with contiguous channels (a copy where the rows do not merge)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:
+        return x.reshape(-1, x.shape[-1])
+
+
+class _TokenNorm(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, token_dtype, channel_mean, kernels):
-        B, H, W, C = x.shape
-        rows = _channel_rows(x)
-        out, mean, rstd, tokens, sums, _ = kernels.forward(
-            rows, weight, bias, eps, _autocast_layer_norm_dtype(x), B, token_dtype,
-            channel_mean)
+    def forward(ctx, x, branch, weight, bias, eps, out_dtype, images, token_dtype, channel_mean,
+                kernels):
+        outs, (rows, mean, rstd) = _token_norm_forward(x, branch, weight, bias, eps, out_dtype,
+                                                       images, token_dtype, channel_mean,
+                                                       kernels)
         ctx.save_for_backward(rows, weight, mean, rstd)
-        ctx.kernels, ctx.shape, ctx.bias_dtype = kernels, x.shape, bias.dtype
+        ctx.kernels, ctx.shape, ctx.images, ctx.bias_dtype = kernels, x.shape, images, bias.dtype
+        ctx.branch_dtype = None if branch is None else branch.dtype
         ctx.set_materialize_grads(False)
-        return out.view(x.shape), tokens, None if sums is None else sums / (H * W)
+        return outs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_tokens, grad_mean):
+    def backward(ctx, grad_out, grad_total, grad_tokens, grad_mean):
         rows, weight, mean, rstd = ctx.saved_tensors
-        B, H, W, C = ctx.shape
-        grad_x, grad_weight, grad_bias, _ = ctx.kernels.backward(
+        B, L = ctx.images, rows.shape[0] // ctx.images
+        # The gradients of the outputs that were used (None for the others) enter one pass.
+        grad_x, grad_weight, grad_bias, grad_branch = ctx.kernels.backward(
             None if grad_out is None else _channel_rows(grad_out), rows, weight, mean, rstd, B,
             None if grad_tokens is None else grad_tokens.contiguous(),
-            None if grad_mean is None else grad_mean / (H * W))
-        return (grad_x.view(ctx.shape), grad_weight.to(weight.dtype),
-                grad_bias.to(ctx.bias_dtype), None, None, None, None)
+            None if grad_mean is None else grad_mean / L,
+            grad_input=None if grad_total is None else _channel_rows(grad_total),
+            residual_dtype=ctx.branch_dtype)
+        if grad_branch is not None:
+            grad_branch = grad_branch.view(ctx.shape)
+        return (grad_x.view(ctx.shape), grad_branch, grad_weight.to(weight.dtype),
+                grad_bias.to(ctx.bias_dtype), None, None, None, None, None, None)
 
 
 def group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -297,14 +297,14 @@ LAYER_NORM_INTERPRETER_CHECK = textwrap.dedent('''
     kernels._BWD_PROGRAMS = 3  # programs that loop over several row blocks
     for shape, C, dtype, out_dtype in LAYER_NORM_CASES:
         x, weight, bias, grad_out = layer_norm_case(shape, C, dtype)
-        got = run_layer_norm(lambda *a: fused._LayerNorm.apply(*a, kernels), x, weight, bias,
+        got = run_layer_norm(lambda *a: fused.layer_norm(*a, backend='triton'), x, weight, bias,
                              grad_out, out_dtype)
         ref = run_layer_norm(fused.layer_norm_ref, x, weight, bias, grad_out, out_dtype,
                              double=True)
         check_layer_norm(got, ref, x, out_dtype)
     # Tokens whose rows do not merge into one stride (a crop of a map) are copied first.
     x, weight, bias, grad_out = layer_norm_case((2, 6, 7), 8, torch.float32)
-    got = run_layer_norm(lambda *a: fused._LayerNorm.apply(*a, kernels), x[:, 1:5, 2:],
+    got = run_layer_norm(lambda *a: fused.layer_norm(*a, backend='triton'), x[:, 1:5, 2:],
                          weight, bias, grad_out[:, 1:5, 2:], torch.float32)
     ref = run_layer_norm(fused.layer_norm_ref, x[:, 1:5, 2:], weight, bias,
                          grad_out[:, 1:5, 2:], torch.float32, double=True)
@@ -401,7 +401,7 @@ MIXER_NORM_INTERPRETER_CHECK = textwrap.dedent('''
             if not with_mean and 2 in used:
                 continue
             part = [g if i in used else None for i, g in enumerate(grads)]
-            got = run_mixer_norm(lambda *a: fused._MixerNorm.apply(*a, with_mean, kernels),
+            got = run_mixer_norm(lambda *a: fused.mixer_norm(*a, with_mean, backend='triton'),
                                  x, weight, bias, part)
             ref = run_mixer_norm(lambda *a: fused.mixer_norm_ref(*a, with_mean), x, weight,
                                  bias, part, double=True)
@@ -464,7 +464,7 @@ ADD_LAYER_NORM_INTERPRETER_CHECK = textwrap.dedent('''
         grads = [torch.randn(*shape, C), torch.randn(*shape, C)]
         for used in [(0, 1), (0, ), (1, )]:
             part = [g if i in used else None for i, g in enumerate(grads)]
-            got = run_add_layer_norm(lambda *a: fused._AddLayerNorm.apply(*a, kernels), x,
+            got = run_add_layer_norm(lambda *a: fused.add_layer_norm(*a, backend='triton'), x,
                                      branch, weight, bias, part, out_dtype)
             ref = run_add_layer_norm(fused.add_layer_norm_ref, x, branch, weight, bias, part,
                                      out_dtype, double=True)
