@@ -194,7 +194,11 @@ def _scan(u, delta, A, B, C, D, delta_bias, spatial_shape):
 
 
 class ChannelAffinity(nn.Module):
-    """Squeeze-excitation style channel weights from channel means: (B, C) -> (B, C) in (0, 1)."""
+    """Squeeze-excitation style channel weights from channel means: (B, C) -> (B, C) in (0, 1).
+
+    Computed in float32 whatever the autocast: the matrices are (B, C) x (C, C / 16), where
+    autocast's casts of weights, inputs and gradients would be most of the kernels launched.
+    """
 
     reduction = 16
 
@@ -204,7 +208,8 @@ class ChannelAffinity(nn.Module):
         self.expand = nn.Linear(embed_dims // self.reduction, embed_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.expand(F.relu(self.reduce(x))))
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.sigmoid(self.expand(F.relu(self.reduce(x.float()))))
 
 
 class GroupMambaLayer(nn.Module):

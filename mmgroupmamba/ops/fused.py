@@ -443,25 +443,30 @@ class _FFN(torch.autograd.Function):
     def forward(ctx, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias):
         device, dtype = x.device.type, compute_dtype(x)
         x = x.to(dtype)
+        # The weights in the compute dtype are kept for backward (a few MiB for the whole
+        # model), not cast again there.
+        fc1_weight_c, fc1_bias_c, fc2_weight_c = (
+            fc1_weight.to(dtype), fc1_bias.to(dtype), fc2_weight.to(dtype))
         with torch.autocast(device, enabled=False):
-            h = F.linear(x, fc1_weight.to(dtype), fc1_bias.to(dtype))
+            h = F.linear(x, fc1_weight_c, fc1_bias_c)
             act = _conv_gelu(h, conv_weight, conv_bias)
             del h
-            out = F.linear(act, fc2_weight.to(dtype), fc2_bias.to(dtype))
-        ctx.save_for_backward(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight)
+            out = F.linear(act, fc2_weight_c, fc2_bias.to(dtype))
+        ctx.save_for_backward(x, fc1_weight_c, fc1_bias_c, conv_weight, conv_bias, fc2_weight_c)
+        ctx.param_dtypes = fc1_weight.dtype, fc1_bias.dtype, fc2_weight.dtype, fc2_bias.dtype
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight = ctx.saved_tensors
+        x, fc1_weight_c, fc1_bias_c, conv_weight, conv_bias, fc2_weight_c = ctx.saved_tensors
+        fc1_weight_dtype, fc1_bias_dtype, fc2_weight_dtype, fc2_bias_dtype = ctx.param_dtypes
         dtype = x.dtype
-        fc1_weight_c = fc1_weight.to(dtype)
         grad_conv_weight = grad_conv_bias = None
         with torch.autocast(x.device.type, enabled=False):
             grad_out = grad_out.to(dtype)
-            h = F.linear(x, fc1_weight_c, fc1_bias.to(dtype))
-            grad_act = grad_out @ fc2_weight.to(dtype)
+            h = F.linear(x, fc1_weight_c, fc1_bias_c)
+            grad_act = grad_out @ fc2_weight_c
             # The activation (fc2's input, for its weight gradient) and the gradient at fc1's
             # output come from one pass that recomputes the convolution.
             if conv_weight is None:
@@ -482,6 +487,6 @@ class _FFN(torch.autograd.Function):
             del act
             grad_x = grad_h @ fc1_weight_c
             grad_fc1_weight = grad_h.flatten(0, -2).t() @ x.flatten(0, -2)
-        return (grad_x, grad_fc1_weight.to(fc1_weight.dtype), grad_fc1_bias.to(fc1_bias.dtype),
-                grad_conv_weight, grad_conv_bias, grad_fc2_weight.to(fc2_weight.dtype),
-                grad_fc2_bias.to(fc2_weight.dtype))
+        return (grad_x, grad_fc1_weight.to(fc1_weight_dtype), grad_fc1_bias.to(fc1_bias_dtype),
+                grad_conv_weight, grad_conv_bias, grad_fc2_weight.to(fc2_weight_dtype),
+                grad_fc2_bias.to(fc2_bias_dtype))
