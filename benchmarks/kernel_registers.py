@@ -50,10 +50,11 @@ def ptxas_path() -> str:
 def compile_report(kernel, constexprs: Dict[str, object], warps: int,
                    bf16_pointers: Iterable[str] = (),
                    aligned: Iterable[str] = ()) -> Dict[str, int]:
-    """Compiles ``kernel`` for sm_90 with ``constexprs``; pointers are float32 but for
-    ``bf16_pointers``, every pointer and the ``aligned`` integers are taken as multiples of 16
-    (as Triton specialises them at launch). -> registers, spilled bytes, shared bytes and the
-    warps per SM."""
+    """Compiles ``kernel`` for sm_90 with ``constexprs`` (which also give the integer arguments
+    that are 1 at launch, such as a contiguous axis' stride: Triton specialises on them);
+    pointers are float32 but for ``bf16_pointers``, every pointer and the ``aligned`` integers
+    are taken as multiples of 16 (as Triton specialises them at launch). -> registers, spilled
+    bytes, shared bytes and the warps per SM."""
     params = list(inspect.signature(kernel.fn).parameters)
     unknown = set(constexprs) - set(params)
     if unknown:
@@ -103,8 +104,12 @@ def _line(name: str, geometry: str, report: Dict[str, int]) -> str:
 
 def stencil_reports(arch: str, batch: int, size: int, warps: Optional[int]):
     bf16 = ('src_ptr', 'dst_ptr', 'g_ptr', 'out_ptr')
-    strides = ('C', 'ss_b', 'ss_c', 'ss_h', 'ds_b', 'ds_c', 'ds_h', 'gs_b', 'gs_c', 'gs_h')
     for name, shape, channels_last, activation in depthwise_maps(arch, batch, size):
+        # The contiguous axis' strides are 1 (constants in the binary), the others multiples
+        # of 16 or not known to be.
+        unit, other = ('c', 'w') if channels_last else ('w', 'c')
+        ones = {f'{t}s_{unit}': 1 for t in 'sdg'}
+        strides = ('C', *(f'{t}s_{axis}' for t in 'sdg' for axis in ('b', other, 'h')))
         x = torch.empty(shape, device='meta', dtype=torch.bfloat16)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -121,7 +126,7 @@ def stencil_reports(arch: str, batch: int, size: int, warps: Optional[int]):
         for pass_name, mirrored, act, grad, store, sums in passes:
             report = compile_report(
                 depthwise_conv._dwconv_stencil_kernel,
-                dict(MIRRORED=mirrored, HAS_BIAS=not mirrored, ACTIVATION=act,
+                dict(ones, MIRRORED=mirrored, HAS_BIAS=not mirrored, ACTIVATION=act,
                      ACTIVATION_GRAD=grad, STORE_OUTPUT=store, SAME_STRIDES=True,
                      COLUMN_SUMS=sums, ROWS=cfg.rows, BLOCK_W=cfg.block_w,
                      BLOCK_C=cfg.block_c), cfg.warps, bf16, strides)
@@ -129,9 +134,10 @@ def stencil_reports(arch: str, batch: int, size: int, warps: Optional[int]):
         block_w, block_c = depthwise_conv._blocks(x, depthwise_conv._WGRAD_TILE)
         rows = depthwise_conv._WGRAD_ROWS
         report = compile_report(depthwise_conv._dwconv_wgrad_kernel,
-                                dict(ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c), 4,
+                                dict(ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c,
+                                     **{f'{t}s_{unit}': 1 for t in 'xg'}), 4,
                                 ('x_ptr', 'g_ptr'),
-                                ('C', 'xs_b', 'xs_c', 'xs_h', 'gs_b', 'gs_c', 'gs_h'))
+                                ('C', *(f'{t}s_{axis}' for t in 'xg' for axis in ('b', other, 'h'))))
         print(_line('weight grad', f'{rows} x {block_w}w x {block_c}c, 4w', report))
 
 
