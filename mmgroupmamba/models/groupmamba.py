@@ -171,8 +171,10 @@ class GroupedSS2D(nn.Module):
         # projection is one batched matmul over the groups. The output stays a channel-major
         # view that the layer's tail reads in place.
         tokens = tokens.view(B, G, d, L)
-        u = torch.matmul(self.in_proj_weight[:, :d], tokens)
-        z = torch.matmul(self.in_proj_weight[:, d:], tokens)
+        # One cast of the whole weight (autocast would cast each half: a kernel more each way).
+        in_proj = self.in_proj_weight.to(tokens.dtype)
+        u = torch.matmul(in_proj[:, :d], tokens)
+        z = torch.matmul(in_proj[:, d:], tokens)
         u = depthwise_conv2d(u.view(B, C, H, W), self.conv.weight, self.conv.bias,
                              activation='silu').view(B, G, d, L)
         x_dbl = torch.matmul(self.x_proj_weight, u)  # (B, G, R + 2N, L)

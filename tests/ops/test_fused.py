@@ -445,12 +445,33 @@ def run_add_layer_norm(fn, x, branch, weight, bias, grads, out_dtype, double=Fal
                                                 [cast(g).to(o.dtype) for o, g in used]))
 
 
+def check_add_layer_norm(shape, C, dtype, out_dtype, device):
+    """The Triton path of add_layer_norm against the float64 operators: both outputs, and the
+    gradients from both outputs' gradients, then from each alone."""
+    from mmgroupmamba.ops import fused
+    x = torch.randn(*shape, C, device=device).to(dtype)
+    branch = torch.randn(*shape, C, device=device).bfloat16()
+    weight, bias = torch.randn(C, device=device), torch.randn(C, device=device)
+    grads = [torch.randn(*shape, C, device=device), torch.randn(*shape, C, device=device)]
+    for used in [(0, 1), (0, ), (1, )]:
+        part = [g if i in used else None for i, g in enumerate(grads)]
+        got = run_add_layer_norm(lambda *a: fused.add_layer_norm(*a, backend='triton'), x,
+                                 branch, weight, bias, part, out_dtype)
+        ref = run_add_layer_norm(fused.add_layer_norm_ref, x, branch, weight, bias, part,
+                                 out_dtype, double=True)
+        assert [t.dtype for t in got[0]] == [dtype, out_dtype]
+        assert got[1][1].dtype == torch.bfloat16  # the branch's gradient in its dtype
+        tol = 1e-5 if torch.bfloat16 not in (dtype, out_dtype) else 2e-2
+        for i, (a, b) in enumerate(zip(got[0] + got[1], ref[0] + ref[1])):
+            bound = tol if i in (0, 1, 2) else 1e-2  # the branch's gradient is bf16
+            assert ((a.double() - b).norm() / b.norm()) < bound, (used, i)
+
+
 ADD_LAYER_NORM_INTERPRETER_CHECK = textwrap.dedent('''
     import sys
     import torch
     sys.path.insert(0, 'tests/ops')
-    from test_fused import run_add_layer_norm
-    from mmgroupmamba.ops import fused
+    from test_fused import check_add_layer_norm
     from mmgroupmamba.ops.triton import layer_norm as kernels
     torch.manual_seed(0)
     kernels._BWD_PROGRAMS = 3
@@ -459,21 +480,7 @@ ADD_LAYER_NORM_INTERPRETER_CHECK = textwrap.dedent('''
     for shape, C, dtype, out_dtype in [((2, 3, 5), 6, torch.float32, torch.bfloat16),
                                        ((1, 70, 8), 87, torch.float32, torch.float32),
                                        ((2, 4, 6), 16, torch.bfloat16, torch.bfloat16)]:
-        x, branch = torch.randn(*shape, C).to(dtype), torch.randn(*shape, C).bfloat16()
-        weight, bias = torch.randn(C), torch.randn(C)
-        grads = [torch.randn(*shape, C), torch.randn(*shape, C)]
-        for used in [(0, 1), (0, ), (1, )]:
-            part = [g if i in used else None for i, g in enumerate(grads)]
-            got = run_add_layer_norm(lambda *a: fused.add_layer_norm(*a, backend='triton'), x,
-                                     branch, weight, bias, part, out_dtype)
-            ref = run_add_layer_norm(fused.add_layer_norm_ref, x, branch, weight, bias, part,
-                                     out_dtype, double=True)
-            assert [t.dtype for t in got[0]] == [dtype, out_dtype]
-            assert got[1][1].dtype == torch.bfloat16  # the branch's gradient in its dtype
-            tol = 1e-5 if torch.bfloat16 not in (dtype, out_dtype) else 2e-2
-            for i, (a, b) in enumerate(zip(got[0] + got[1], ref[0] + ref[1])):
-                bound = tol if i in (0, 1, 2) else 1e-2  # the branch's gradient is bf16
-                assert ((a.double() - b).norm() / b.norm()) < bound, (used, i)
+        check_add_layer_norm(shape, C, dtype, out_dtype, 'cpu')
     print('ok')
 ''')
 
@@ -483,6 +490,16 @@ def test_add_layer_norm_kernels_in_interpreter():
     and the bias from each subset of the outputs' gradients) against the float64 operators, run
     on the CPU by Triton's interpreter."""
     run_in_triton_interpreter(ADD_LAYER_NORM_INTERPRETER_CHECK)
+
+
+@requires_cuda
+@pytest.mark.parametrize('case', [((128, 56, 56), 64, torch.float32, torch.bfloat16),
+                                  ((2, 25, 38), 448, torch.float32, torch.bfloat16),
+                                  ((1, 70, 8), 87, torch.float32, torch.float32),
+                                  ((2, 4, 6), 16, torch.bfloat16, torch.bfloat16)])
+def test_add_layer_norm_triton_matches_torch_on_gpu(case):
+    torch.manual_seed(0)
+    check_add_layer_norm(*case, 'cuda')
 
 
 def test_add_layer_norm_reference():
