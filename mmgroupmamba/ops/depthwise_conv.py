@@ -176,10 +176,11 @@ def _backward_impl(grad_y, x, weight, bias, activation, backend, with_output=Fal
             sums = ([grad_x.sum(dim=(0, 2, 3), dtype=torch.float32)] if input_grad_sums
                     else [])
     grad_bias = grad_bias.to(weight.dtype) if with_bias else None
-    # In the weight's dtype and strides: the gradient of a channels-last convolution may stride
-    # the size-1 input-channel axis differently, which DistributedDataParallel's gradient buckets
-    # take for a layout mismatch (a warning and a copy per step).
-    grads = (grad_x, torch.empty_like(weight).copy_(grad_weight), grad_bias, *sums)
+    # In the weight's dtype and strides (copied only where they differ): the gradient of a
+    # channels-last convolution may stride the size-1 input-channel axis differently, which
+    # DistributedDataParallel's gradient buckets take for a layout mismatch (a warning and a copy
+    # per step).
+    grads = (grad_x, _like(weight, grad_weight), grad_bias, *sums)
     return (y, ) + grads if with_output else grads
 
 

@@ -106,7 +106,7 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_b
         ROWS=_WGRAD_ROWS, BLOCK_W=block_w, BLOCK_C=block_c)
     sums = partial.sum(0)
     grad_weight = sums[:9].t().contiguous().view(C, 1, 3, 3)
-    grad_bias = sums[9].clone() if with_bias else None
+    grad_bias = sums[9] if with_bias else None
     if input_grad_sums:
         return grad_x, grad_weight, grad_bias, sums_x
     return grad_x, grad_weight, grad_bias
