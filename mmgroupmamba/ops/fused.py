@@ -168,10 +168,9 @@ def _token_norm_forward(x, branch, weight, bias, eps, out_dtype, images, token_d
                         channel_mean, kernels):
     """-> (the outputs of :func:`_token_norm`, (norm input rows, mean, rstd) for backward)."""
     rows = _channel_rows(x)
-    out, mean, rstd, tokens, sums, total = kernels.forward(
+    out, mean, rstd, tokens, channel_means, total = kernels.forward(
         rows, weight, bias, eps, out_dtype, images, token_dtype, channel_mean,
         None if branch is None else _channel_rows(branch))
-    channel_means = None if sums is None else sums / (rows.shape[0] // images)
     outs = (out.view(x.shape), None if total is None else total.view(x.shape), tokens,
             channel_means)
     return outs, (rows if total is None else total, mean, rstd)
@@ -210,7 +209,7 @@ class _TokenNorm(torch.autograd.Function):
         grad_x, grad_weight, grad_bias, grad_branch = ctx.kernels.backward(
             None if grad_out is None else _channel_rows(grad_out), rows, weight, mean, rstd, B,
             None if grad_tokens is None else grad_tokens.contiguous(),
-            None if grad_mean is None else grad_mean / L,
+            grad_mean,
             grad_input=None if grad_total is None else _channel_rows(grad_total),
             residual_dtype=ctx.branch_dtype)
         if grad_branch is not None:

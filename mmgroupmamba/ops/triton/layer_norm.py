@@ -6,7 +6,7 @@ GroupMamba's widths (64 to 512) make short rows, for which PyTorch's kernel is s
 normalises ``BLOCK_L`` rows of one image with all ``C`` channels in float32 and writes the output
 in the dtype the caller asks for, the per-row mean and reciprocal deviation, and optionally (for
 the GroupMamba layer's input) a channel-major copy ``(B, C, L)`` of the output and per-program
-channel sums of it (the channel means, once reduced). Backward sums the gradients of the outputs
+channel means of it (per-program partial means, reduced afterwards). Backward sums the gradients of the outputs
 it was given and writes the input gradient and per-program partial sums of the weight and bias
 gradients over a fixed number of programs (deterministic, no atomics), reduced afterwards.
 Inside a block, the residual sum before the FFN's norm is made by the same pass (its input is
@@ -31,12 +31,12 @@ _MIN_ROWS = 16
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
             out_dtype: torch.dtype, images: int = 1, token_dtype: Optional[torch.dtype] = None,
-            channel_sums: bool = False, residual: Optional[torch.Tensor] = None):
+            channel_means: bool = False, residual: Optional[torch.Tensor] = None):
     """x ``(images * L, C)`` with contiguous channels, weight and bias ``(C,)`` -> ``(out
-    (images * L, C) contiguous in out_dtype, mean, rstd, tokens, sums, total)``: the statistics
+    (images * L, C) contiguous in out_dtype, mean, rstd, tokens, means, total)``: the statistics
     float32 ``(images * L,)``; with ``token_dtype``, ``tokens`` the output again as ``(images, C,
-    L)`` in that dtype (else None); with ``channel_sums``, ``sums`` the output's sums over each
-    image's rows, float32 ``(images, C)`` (else None). With ``residual`` (like x, contiguous
+    L)`` in that dtype (else None); with ``channel_means``, ``means`` the output's means over
+    each image's rows, float32 ``(images, C)`` (else None). With ``residual`` (like x, contiguous
     channels), the norm's input is ``total = x + residual`` (in x's dtype, contiguous; else
     None)."""
     M, C = x.shape
@@ -49,27 +49,27 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     tokens = (None if token_dtype is None else
               torch.empty((images, C, L), dtype=token_dtype, device=x.device))
     partial = (torch.empty((images, l_blocks, C), dtype=torch.float32, device=x.device)
-               if channel_sums else None)
+               if channel_means else None)
     total = None if residual is None else torch.empty((M, C), dtype=x.dtype, device=x.device)
     _layer_norm_fwd_kernel[(images, l_blocks)](
         x, _or(residual, x), _or(total, x), weight.contiguous(), bias.contiguous(), out, mean,
         rstd, _or(tokens, out), _or(partial, mean), L, C, x.stride(0),
         x.stride(0) if residual is None else residual.stride(0), eps,
-        RESIDUAL=residual is not None, TOKENS=tokens is not None, SUMS=channel_sums,
+        RESIDUAL=residual is not None, TOKENS=tokens is not None, MEANS=channel_means,
         BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
-    sums = partial.sum(dim=1) if channel_sums else None
-    return out, mean, rstd, tokens, sums, total
+    means = partial.sum(dim=1) if channel_means else None
+    return out, mean, rstd, tokens, means, total
 
 
 def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
              mean: torch.Tensor, rstd: torch.Tensor, images: int = 1,
              grad_tokens: Optional[torch.Tensor] = None,
-             grad_sums: Optional[torch.Tensor] = None,
+             grad_means: Optional[torch.Tensor] = None,
              grad_input: Optional[torch.Tensor] = None,
              residual_dtype: Optional[torch.dtype] = None):
     """The gradient at the output is the sum of those given: ``grad_out`` ``(images * L, C)``
     with contiguous channels, ``grad_tokens`` (the channel-major copy's, ``(images, C, L)``
-    contiguous) and ``grad_sums`` (the channel sums', ``(images, C)``); ``x`` is the norm's
+    contiguous) and ``grad_means`` (the channel means', ``(images, C)``); ``x`` is the norm's
     input. -> ``(grad_x (images * L, C) contiguous in x's dtype, grad_weight (C,), grad_bias
     (C,), grad_residual)``, the weight and bias gradients float32. ``grad_input`` (like x,
     contiguous channels) is a gradient that reaches the norm's input from elsewhere (the
@@ -85,12 +85,12 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
     programs = min(_BWD_PROGRAMS, images * l_blocks)
     partial = torch.empty((2, programs, C), dtype=torch.float32, device=x.device)
     _layer_norm_bwd_kernel[(programs, )](
-        _or(grad_out, x), _or(grad_tokens, x), _or(grad_sums, x), _or(grad_input, x), x,
+        _or(grad_out, x), _or(grad_tokens, x), _or(grad_means, x), _or(grad_input, x), x,
         weight.contiguous(), mean, rstd, grad_x, _or(grad_residual, grad_x), partial, L, C,
         images * l_blocks, l_blocks, x.stride(0) if grad_out is None else grad_out.stride(0),
         x.stride(0) if grad_input is None else grad_input.stride(0), x.stride(0),
         HAS_GRAD_OUT=grad_out is not None, HAS_GRAD_TOKENS=grad_tokens is not None,
-        HAS_GRAD_SUMS=grad_sums is not None, HAS_GRAD_INPUT=grad_input is not None,
+        HAS_GRAD_MEANS=grad_means is not None, HAS_GRAD_INPUT=grad_input is not None,
         RESIDUAL_GRAD=grad_residual is not None, BLOCK_L=block_l, BLOCK_C=block_c,
         num_warps=warps)
     sums = partial.sum(dim=1)
@@ -118,8 +118,8 @@ def _or(tensor: Optional[torch.Tensor], stand_in: torch.Tensor) -> torch.Tensor:
 
 @triton.jit(do_not_specialize=['L'])
 def _layer_norm_fwd_kernel(x_ptr, r_ptr, total_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr,
-                           tokens_ptr, sums_ptr, L, C, xs_m, rs_m, eps, RESIDUAL: tl.constexpr,
-                           TOKENS: tl.constexpr, SUMS: tl.constexpr, BLOCK_L: tl.constexpr,
+                           tokens_ptr, means_ptr, L, C, xs_m, rs_m, eps, RESIDUAL: tl.constexpr,
+                           TOKENS: tl.constexpr, MEANS: tl.constexpr, BLOCK_L: tl.constexpr,
                            BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -150,16 +150,16 @@ def _layer_norm_fwd_kernel(x_ptr, r_ptr, total_ptr, w_ptr, b_ptr, out_ptr, mean_
         tokens = tokens_ptr + b * C * L + cols[:, None] * L + offs_l[None, :]
         tl.store(tokens, tl.trans(out).to(tokens_ptr.dtype.element_ty),
                  mask=c_mask[:, None] & l_mask[None, :])
-    if SUMS:
+    if MEANS:
         slot = (b * tl.num_programs(1) + tl.program_id(1)) * C + cols
-        tl.store(sums_ptr + slot, tl.sum(tl.where(mask, out, 0.), axis=0), mask=c_mask)
+        tl.store(means_ptr + slot, tl.sum(tl.where(mask, out, 0.), axis=0) / L, mask=c_mask)
 
 
 @triton.jit(do_not_specialize=['L', 'blocks', 'l_blocks'])
-def _layer_norm_bwd_kernel(go_ptr, gt_ptr, gs_ptr, gi_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr,
+def _layer_norm_bwd_kernel(go_ptr, gt_ptr, gm_ptr, gi_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr,
                            gx_ptr, gr_ptr, partial_ptr, L, C, blocks, l_blocks, gos_m, gis_m, xs_m,
                            HAS_GRAD_OUT: tl.constexpr, HAS_GRAD_TOKENS: tl.constexpr,
-                           HAS_GRAD_SUMS: tl.constexpr, HAS_GRAD_INPUT: tl.constexpr,
+                           HAS_GRAD_MEANS: tl.constexpr, HAS_GRAD_INPUT: tl.constexpr,
                            RESIDUAL_GRAD: tl.constexpr, BLOCK_L: tl.constexpr,
                            BLOCK_C: tl.constexpr):
     # Program p takes blocks p, p + P, p + 2P, ... (P programs; block = image * l_blocks + row
@@ -187,9 +187,9 @@ def _layer_norm_bwd_kernel(go_ptr, gt_ptr, gs_ptr, gi_ptr, x_ptr, w_ptr, mean_pt
             tokens = gt_ptr + first[None, :] * C + cols[:, None] * L + offs_l[None, :]
             go += tl.trans(tl.load(tokens, mask=c_mask[:, None] & l_mask[None, :],
                                    other=0.).to(tl.float32))
-        if HAS_GRAD_SUMS:
-            go += tl.load(gs_ptr + (first // L)[:, None] * C + cols[None, :], mask=mask,
-                          other=0.).to(tl.float32)
+        if HAS_GRAD_MEANS:
+            go += tl.load(gm_ptr + (first // L)[:, None] * C + cols[None, :], mask=mask,
+                          other=0.).to(tl.float32) / L
         go = tl.where(mask, go, 0.)
         mean = tl.load(mean_ptr + rows, mask=l_mask, other=0.)
         rstd = tl.load(rstd_ptr + rows, mask=l_mask, other=0.)
