@@ -206,8 +206,9 @@ def _scan(u, delta, A, B, C, D, delta_bias, spatial_shape):
 class ChannelAffinity(nn.Module):
     """Squeeze-excitation style channel weights from channel means: (B, C) -> (B, C) in (0, 1).
 
-    Computed in float32 whatever the autocast: the matrices are (B, C) x (C, C / 16), where
-    autocast's casts of weights, inputs and gradients would be most of the kernels launched.
+    Computed in the weights' dtype (float32 unless the model was cast) whatever the autocast:
+    the matrices are (B, C) x (C, C / 16), where autocast's casts of weights, inputs and
+    gradients would be most of the kernels launched.
     """
 
     reduction = 16
@@ -219,7 +220,8 @@ class ChannelAffinity(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return torch.sigmoid(self.expand(F.relu(self.reduce(x.float()))))
+            x = x.to(self.reduce.weight.dtype)
+            return torch.sigmoid(self.expand(F.relu(self.reduce(x))))
 
 
 class GroupMambaLayer(nn.Module):

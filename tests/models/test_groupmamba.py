@@ -35,6 +35,26 @@ def test_output_shapes(size):
         assert out.is_contiguous() and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_a_cast_model_computes_in_its_dtype(dtype):
+    """model.double() (the reference of the GPU tests) or .bfloat16() runs forward and backward
+    in that dtype, the channel affinity included, and agrees with float32."""
+    torch.manual_seed(0)
+    model = randomize(GroupMamba(ARCH)).train()
+    cast = GroupMamba(ARCH).to(dtype).train()
+    cast.load_state_dict(model.state_dict())
+    images = torch.randn(2, 3, 48, 40)
+    outs, cast_outs = model(images), cast(images.to(dtype))
+    sum(out.sum() for out in cast_outs).backward()
+    tol = 1e-5 if dtype == torch.float64 else 0.1
+    for out, cast_out in zip(outs, cast_outs):
+        assert cast_out.dtype == dtype
+        error = (cast_out.double() - out.double()).norm() / out.double().norm()
+        assert error < tol
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in cast.parameters()
+               if p.requires_grad)
+
+
 def test_out_indices_and_named_arch():
     model = GroupMamba(ARCH, out_indices=(1, 3)).eval()
     with torch.no_grad():
