@@ -13,7 +13,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmdet.registry import MODELS as MMDET_MODELS
 from mmengine.model import BaseModule
@@ -22,8 +21,8 @@ from mmseg.registry import MODELS as MMSEG_MODELS
 from timm.layers import DropPath
 
 from ..ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
-from ..ops.fused import (add_layer_norm, compute_dtype, ffn, group_norm_gate, layer_norm,
-                         mixer_norm, modulate_norm)
+from ..ops.fused import (add_layer_norm, channel_affinity, compute_dtype, ffn, group_norm_gate,
+                         layer_norm, mixer_norm, modulate_norm)
 from .compiling import dense_conv, resolve_compile, run_compiled
 from .weights import check_outputs_finite, check_weights_on_load
 
@@ -207,8 +206,8 @@ class ChannelAffinity(nn.Module):
     """Squeeze-excitation style channel weights from channel means: (B, C) -> (B, C) in (0, 1).
 
     Computed in the weights' dtype (float32 unless the model was cast) whatever the autocast:
-    the matrices are (B, C) x (C, C / 16), where autocast's casts of weights, inputs and
-    gradients would be most of the kernels launched.
+    the matrices are (B, C) x (C, C / 16), where autocast's casts would be most of the work. On
+    CUDA one kernel each way (:func:`..ops.fused.channel_affinity`).
     """
 
     reduction = 16
@@ -219,9 +218,8 @@ class ChannelAffinity(nn.Module):
         self.expand = nn.Linear(embed_dims // self.reduction, embed_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            x = x.to(self.reduce.weight.dtype)
-            return torch.sigmoid(self.expand(F.relu(self.reduce(x))))
+        return channel_affinity(x, self.reduce.weight, self.reduce.bias, self.expand.weight,
+                                self.expand.bias)
 
 
 class GroupMambaLayer(nn.Module):

@@ -9,6 +9,8 @@
   Triton kernel each way (:mod:`.triton.norm_gate`);
 - :func:`modulate_norm`: the GroupMamba layer's tail, ``LayerNorm(x * skip_scale * m *
   affinity)``; on CUDA one Triton kernel each way (:mod:`.triton.modulate_norm`);
+- :func:`channel_affinity`: CAM's channel weights from the channel means; on CUDA one Triton
+  kernel each way (:mod:`.triton.channel_affinity`) instead of ten small ones;
 - :func:`ffn`: the FFN (fc1, depthwise 3x3 convolution, GELU, fc2), keeping only its input.
 
 Each picks its implementation by what records the graph: eager autograd gets an
@@ -31,8 +33,8 @@ from .depthwise_conv import conv_activation_backward, depthwise_conv2d
 
 __all__ = ['compute_dtype', 'layer_norm', 'layer_norm_ref', 'add_layer_norm',
            'add_layer_norm_ref', 'mixer_norm', 'mixer_norm_ref',
-           'group_norm_gate', 'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref', 'ffn',
-           'ffn_ref']
+           'group_norm_gate', 'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref',
+           'channel_affinity', 'channel_affinity_ref', 'ffn', 'ffn_ref']
 
 
 def _records_eager_backward() -> bool:
@@ -388,6 +390,58 @@ class _ModulateNorm(torch.autograd.Function):
                 grad_skip.to(skip_scale.dtype),
                 None if grad_affinity is None else grad_affinity.to(affinity.dtype),
                 grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype), None, None)
+
+
+def channel_affinity(x: torch.Tensor, reduce_weight: torch.Tensor, reduce_bias: torch.Tensor,
+                     expand_weight: torch.Tensor, expand_bias: torch.Tensor, *,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """``sigmoid(expand(relu(reduce(x))))``, two linear layers on per-image channel statistics,
+    computed in the weights' dtype whatever the autocast (the GroupMamba layer's CAM).
+
+    Args:
+        x: (B, C), e.g. the channel means of a map.
+        reduce_weight, reduce_bias: (R, C), (R,).
+        expand_weight, expand_bias: (C, R), (C,).
+        backend: as for :func:`group_norm_gate`.
+
+    Returns:
+        (B, C) in (0, 1), in the weights' dtype.
+    """
+    kernels = _kernels('channel_affinity', 'channel_affinity', x, backend)
+    if kernels is None or reduce_weight.dtype == torch.float64:
+        return channel_affinity_ref(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
+    if _records_eager_backward():
+        return _ChannelAffinity.apply(x, reduce_weight, reduce_bias, expand_weight, expand_bias,
+                                      kernels)
+    return kernels.forward(x.contiguous(), reduce_weight.contiguous(), reduce_bias,
+                           expand_weight.contiguous(), expand_bias)
+
+
+def channel_affinity_ref(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
+    """:func:`channel_affinity` in plain operators."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(reduce_weight.dtype)
+        hidden = F.relu(F.linear(x, reduce_weight, reduce_bias))
+        return torch.sigmoid(F.linear(hidden, expand_weight, expand_bias))
+
+
+class _ChannelAffinity(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, reduce_weight, reduce_bias, expand_weight, expand_bias, kernels):
+        inputs = (x.contiguous(), reduce_weight.contiguous(), reduce_bias,
+                  expand_weight.contiguous(), expand_bias)
+        ctx.save_for_backward(*inputs)
+        ctx.kernels = kernels
+        return kernels.forward(*inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        inputs = ctx.saved_tensors
+        grads = ctx.kernels.backward(grad_out.contiguous(), *inputs)
+        # The parameters' gradients in their dtypes (no copy for float32 ones).
+        return (grads[0], *(g.to(t.dtype) for g, t in zip(grads[1:], inputs[1:])), None)
 
 
 def ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,

@@ -509,3 +509,72 @@ def test_add_layer_norm_reference():
     torch.testing.assert_close(total, x + branch)
     torch.testing.assert_close(out, F.layer_norm(x + branch, (8, ), weight, bias,
                                                  1e-6).bfloat16())
+
+
+def check_channel_affinity(B, C, dtype, device, block_c=None):
+    """The Triton channel affinity (through the op, or the kernels at tile ``block_c``) against
+    float64 operators: the output, and every gradient."""
+    from mmgroupmamba.ops import fused
+    from mmgroupmamba.ops.triton import channel_affinity as kernels
+    R = C // 16
+    x = torch.rand(B, C, device=device).to(dtype).requires_grad_()
+    params = [(torch.randn(*shape, device=device) / shape[-1] ** .5).requires_grad_()
+              for shape in [(R, C), (R, ), (C, R), (C, )]]
+    grad = torch.randn(B, C, device=device)
+    if block_c is None:
+        out = fused.channel_affinity(x, *params, backend='triton')
+        out.backward(grad)
+        got = [out, x.grad] + [p.grad for p in params]
+    else:
+        with torch.no_grad():
+            out = kernels.forward(x, *params, block_c=block_c)
+            got = [out, *kernels.backward(grad, x, *params, block_c=block_c)]
+    ref_inputs = [t.detach().double().requires_grad_() for t in [x] + params]
+    ref = fused.channel_affinity_ref(*ref_inputs)
+    ref.backward(grad.double())
+    expected = [ref] + [t.grad for t in ref_inputs]
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    assert [tuple(g.shape) for g in got] == [tuple(e.shape) for e in expected]
+    for i, (a, b) in enumerate(zip(got, expected)):
+        tol = 1e-5 if dtype == torch.float32 or i != 1 else 1e-2  # x's gradient in bf16
+        assert ((a.double() - b).norm() / b.norm().clamp_min(1e-12)) < tol, i
+
+
+CHANNEL_AFFINITY_INTERPRETER_CHECK = textwrap.dedent('''
+    import sys
+    import torch
+    sys.path.insert(0, 'tests/ops')
+    from test_fused import check_channel_affinity
+    torch.manual_seed(0)
+    check_channel_affinity(3, 40, torch.float32, 'cpu', block_c=16)  # C in 3 blocks, R = 2
+    check_channel_affinity(2, 100, torch.float32, 'cpu', block_c=32)  # R = 6 of 8
+    check_channel_affinity(2, 200, torch.bfloat16, 'cpu')  # the op: autograd, bf16 means
+    print('ok')
+''')
+
+
+def test_channel_affinity_kernels_in_interpreter():
+    run_in_triton_interpreter(CHANNEL_AFFINITY_INTERPRETER_CHECK)
+
+
+@requires_cuda
+@pytest.mark.parametrize('B,C', [(128, 64), (128, 448), (2, 348), (128, 1024)])
+def test_channel_affinity_triton_matches_torch_on_gpu(B, C):
+    torch.manual_seed(0)
+    check_channel_affinity(B, C, torch.float32, 'cuda')
+
+
+def test_channel_affinity_reference_ignores_autocast_and_follows_the_weights():
+    from mmgroupmamba.ops.fused import channel_affinity
+    x = torch.rand(2, 32)
+    layers = torch.nn.Sequential(torch.nn.Linear(32, 2), torch.nn.ReLU(), torch.nn.Linear(2, 32),
+                                 torch.nn.Sigmoid())
+    params = [layers[0].weight, layers[0].bias, layers[2].weight, layers[2].bias]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = channel_affinity(x, *params)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, layers(x))
+    out64 = channel_affinity(x.double(), *[p.double() for p in params])
+    assert out64.dtype == torch.float64
+    with pytest.raises(ValueError, match='channel_affinity'):
+        channel_affinity(x, *params, backend='triton')  # no Triton for CPU tensors

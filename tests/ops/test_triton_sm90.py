@@ -11,8 +11,8 @@ triton = pytest.importorskip('triton')
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mmgroupmamba.ops.triton import (depthwise_conv, layer_norm, modulate_norm,  # noqa: E402
-                                     norm_gate, scan, scan_n1)
+from mmgroupmamba.ops.triton import (channel_affinity, depthwise_conv,  # noqa: E402
+                                     layer_norm, modulate_norm, norm_gate, scan, scan_n1)
 
 # Pointer arguments to activations (bf16, as under autocast); other pointers are float32.
 _ACTIVATION_POINTERS = {
@@ -48,6 +48,9 @@ KERNELS = [
                                              BLOCK_L=16, BLOCK_C=512), 8),
     (layer_norm._layer_norm_bwd_kernel, dict(_LN_GRADS, BLOCK_L=32, BLOCK_C=64), 4),
     (layer_norm._layer_norm_bwd_kernel, dict(_LN_GRADS, BLOCK_L=16, BLOCK_C=512), 8),
+    # CAM at GroupMamba-T's stage 3 (R = 21) and GroupMamba-B's stage 4 (R = 64).
+    (channel_affinity._affinity_fwd_kernel, dict(BLOCK_R=32, BLOCK_C=64), 4),
+    (channel_affinity._affinity_bwd_kernel, dict(BLOCK_R=64, BLOCK_C=32), 4),
 ] + [(depthwise_conv._dwconv_stencil_kernel,
       dict(MIRRORED=mirrored, HAS_BIAS=True, ACTIVATION=activation, ACTIVATION_GRAD=grad,
            STORE_OUTPUT=store, ROWS=8, BLOCK_W=32, BLOCK_C=64), 4)
