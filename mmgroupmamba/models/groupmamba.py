@@ -22,7 +22,7 @@ from timm.layers import DropPath
 
 from ..ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
 from ..ops.fused import (add_layer_norm, channel_affinity, compute_dtype, ffn, group_norm_gate,
-                         layer_norm, mixer_norm, modulate_norm)
+                         layer_norm, mixer_norm, modulate_norm, per_image)
 from .compiling import dense_conv, resolve_compile, run_compiled
 from .weights import check_outputs_finite, check_weights_on_load
 
@@ -171,29 +171,21 @@ class GroupedSS2D(nn.Module):
         # view that the layer's tail reads in place.
         tokens = tokens.view(B, G, d, L)
         dtype = tokens.dtype
-        w_u, w_z = _per_image(self.in_proj_weight, B, dtype).split(d, dim=2)
+        w_u, w_z = per_image(self.in_proj_weight, B, dtype).split(d, dim=2)
         u, z = torch.matmul(w_u, tokens), torch.matmul(w_z, tokens)
         u = depthwise_conv2d(u.view(B, C, H, W), self.conv.weight, self.conv.bias,
                              activation='silu').view(B, G, d, L)
         # dt, B and C: views of x_dbl, (B, G, R or N, L), which the matmul and the scan take
         # without a copy; split, so that their gradients meet in one concatenation.
-        dt, Bs, Cs = torch.matmul(_per_image(self.x_proj_weight, B, dtype), u).split(
+        dt, Bs, Cs = torch.matmul(per_image(self.x_proj_weight, B, dtype), u).split(
             (R, N, N), dim=2)
-        dt = torch.matmul(_per_image(self.dt_proj_weight, B, dtype), dt)  # (B, G, d, L)
+        dt = torch.matmul(per_image(self.dt_proj_weight, B, dtype), dt)  # (B, G, d, L)
         y = _scan(u.view(B, C, L), dt.view(B, C, L), -torch.exp(self.A_log.float()), Bs, Cs,
                   self.D.float(), self.dt_bias.float(), spatial_shape=(H, W))
         y = group_norm_gate(y.view(B, G, d, L), z.view(B, G, d, L), self.out_norm_weight,
                             self.out_norm_bias, _INNER_NORM_EPS)
-        out = torch.matmul(_per_image(self.out_proj_weight, B, y.dtype), y)  # (B, G, d, L)
+        out = torch.matmul(per_image(self.out_proj_weight, B, y.dtype), y)  # (B, G, d, L)
         return out.view(B, C, H, W).permute(0, 2, 3, 1)
-
-
-def _per_image(weight: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
-    """The groups' weights ``(G, m, k)`` as ``(batch, G, m, k)``, contiguous, in ``dtype``: the
-    operand of one batched matmul over images and groups. A matmul of ``(G, m, k)`` with
-    ``(B, G, k, L)`` would copy the weight per image all the same, after a separate cast; here
-    the copy is the cast, one kernel, and the gradient is summed over images in float32."""
-    return weight.expand(batch, *weight.shape).to(dtype, memory_format=torch.contiguous_format)
 
 
 def _scan(u, delta, A, B, C, D, delta_bias, spatial_shape):

@@ -11,6 +11,8 @@
   affinity)``; on CUDA one Triton kernel each way (:mod:`.triton.modulate_norm`);
 - :func:`channel_affinity`: CAM's channel weights from the channel means; on CUDA one Triton
   kernel each way (:mod:`.triton.channel_affinity`) instead of ten small ones;
+- :func:`per_image`: a weight cast and repeated per image for a batched matmul, in one kernel
+  each way;
 - :func:`ffn`: the FFN (fc1, depthwise 3x3 convolution, GELU, fc2), keeping only its input.
 
 Each picks its implementation by what records the graph: eager autograd gets an
@@ -34,7 +36,7 @@ from .depthwise_conv import conv_activation_backward, depthwise_conv2d
 __all__ = ['compute_dtype', 'layer_norm', 'layer_norm_ref', 'add_layer_norm',
            'add_layer_norm_ref', 'mixer_norm', 'mixer_norm_ref',
            'group_norm_gate', 'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref',
-           'channel_affinity', 'channel_affinity_ref', 'ffn', 'ffn_ref']
+           'channel_affinity', 'channel_affinity_ref', 'per_image', 'ffn', 'ffn_ref']
 
 
 def _records_eager_backward() -> bool:
@@ -392,6 +394,35 @@ class _ModulateNorm(torch.autograd.Function):
                 grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype), None, None)
 
 
+def per_image(weight: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` repeated over ``batch`` images, contiguous, in ``dtype``: the operand of one
+    batched matmul over images (and the groups of a grouped projection). A matmul of the
+    unbatched weight would copy it per image all the same, after a separate cast; here the copy
+    is the cast, one kernel, and eager backward sums the images' gradients in float32 in one
+    more (autograd would sum them and cast in two)."""
+    if torch.is_grad_enabled() and weight.requires_grad and not traced():
+        return _PerImage.apply(weight, batch, dtype)
+    return _repeat(weight, batch, dtype)
+
+
+def _repeat(weight, batch, dtype):
+    # One kernel: the cast copies (bf16), or the contiguous copy does (same dtype).
+    return weight.expand(batch, *weight.shape).to(dtype).contiguous()
+
+
+class _PerImage(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, weight, batch, dtype):
+        ctx.weight_dtype = weight.dtype
+        return _repeat(weight, batch, dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return grad.sum(0, dtype=ctx.weight_dtype), None, None
+
+
 def channel_affinity(x: torch.Tensor, reduce_weight: torch.Tensor, reduce_bias: torch.Tensor,
                      expand_weight: torch.Tensor, expand_bias: torch.Tensor, *,
                      backend: Optional[str] = None) -> torch.Tensor:
@@ -536,7 +567,8 @@ class _FFN(torch.autograd.Function):
                 act, grad_h = act.permute(0, 2, 3, 1), grad_h.permute(0, 2, 3, 1)
             del h, grad_act
             rows = grad_out.flatten(0, -2)
-            grad_fc2_weight, grad_fc2_bias = rows.t() @ act.flatten(0, -2), rows.sum(0)
+            grad_fc2_weight = rows.t() @ act.flatten(0, -2)
+            grad_fc2_bias = rows.sum(0, dtype=fc2_bias_dtype)
             del act
             grad_x = grad_h @ fc1_weight_c
             grad_fc1_weight = grad_h.flatten(0, -2).t() @ x.flatten(0, -2)

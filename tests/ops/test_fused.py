@@ -578,3 +578,18 @@ def test_channel_affinity_reference_ignores_autocast_and_follows_the_weights():
     assert out64.dtype == torch.float64
     with pytest.raises(ValueError, match='channel_affinity'):
         channel_affinity(x, *params, backend='triton')  # no Triton for CPU tensors
+
+
+def test_per_image_weights_and_their_gradient():
+    from mmgroupmamba.ops.fused import per_image
+    weight = torch.randn(4, 6, 3, requires_grad=True)
+    out = per_image(weight, 5, torch.bfloat16)
+    assert out.shape == (5, 4, 6, 3) and out.dtype == torch.bfloat16 and out.is_contiguous()
+    assert torch.equal(out[2], weight.detach().bfloat16())
+    grad = torch.randn(5, 4, 6, 3).bfloat16()
+    out.backward(grad)
+    assert weight.grad.dtype == torch.float32
+    torch.testing.assert_close(weight.grad, grad.float().sum(0))
+    with torch.no_grad():
+        plain = per_image(weight, 2, torch.float32)
+    assert plain.shape == (2, 4, 6, 3) and plain.is_contiguous() and plain.grad_fn is None

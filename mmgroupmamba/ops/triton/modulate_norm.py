@@ -61,9 +61,11 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, skip_scal
         partial, L, C, t_blocks, *grad_out.stride(), *x.stride(), *m.stride(),
         *grad_x.stride(), *grad_m.stride(), HAS_AFFINITY=has_affinity, BLOCK_T=block_t,
         BLOCK_C=block_c)
-    grad_weight, grad_bias = partial[0].sum(dim=(0, 1)), partial[1].sum(dim=(0, 1))
-    grad_affinity = partial[2].sum(dim=1) if has_affinity else None
-    grad_skip_scale = partial[3].sum().reshape(1)
+    per_image = partial.sum(dim=2)  # (4, B, C)
+    totals = per_image.sum(dim=1)  # (4, C)
+    grad_weight, grad_bias = totals[0], totals[1]
+    grad_affinity = per_image[2] if has_affinity else None
+    grad_skip_scale = totals[3].sum().reshape(1)
     return grad_x, grad_m, grad_skip_scale, grad_affinity, grad_weight, grad_bias
 
 
