@@ -160,7 +160,8 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
     """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)``.
 
     du/ddelta come in the inputs' dtypes, dA/dD/ddelta_bias in float32 (summed with atomics),
-    dB/dC ``(batch, groups, 1, L)`` in B's dtype, or float32 when a group spans several programs.
+    dB/dC ``(batch, groups, 1, L)`` in B's dtype (summed in float32 when a group spans several
+    programs).
     ``states`` is what :func:`forward` saved; ``cfg.block_t`` is a multiple of ``STATE_STEPS`` or
     covers ``L``.
     """
@@ -193,6 +194,8 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, ATOMIC_BC=atomic_bc,
         BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, PREFETCH=n_chunks > 1, num_warps=cfg.warps)
+    if atomic_bc:
+        dBC = dBC.to(B.dtype)  # both in one cast
     dA = param_grads[0].unsqueeze(1)
     dD = None if D is None else param_grads[1]
     ddelta_bias = None if delta_bias is None else param_grads[2]
