@@ -208,12 +208,10 @@ class _TokenNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_total, grad_tokens, grad_mean):
         rows, weight, mean, rstd = ctx.saved_tensors
-        B, L = ctx.images, rows.shape[0] // ctx.images
         # The gradients of the outputs that were used (None for the others) enter one pass.
         grad_x, grad_weight, grad_bias, grad_branch = ctx.kernels.backward(
-            None if grad_out is None else _channel_rows(grad_out), rows, weight, mean, rstd, B,
-            None if grad_tokens is None else grad_tokens.contiguous(),
-            grad_mean,
+            None if grad_out is None else _channel_rows(grad_out), rows, weight, mean, rstd,
+            ctx.images, None if grad_tokens is None else grad_tokens.contiguous(), grad_mean,
             grad_input=None if grad_total is None else _channel_rows(grad_total),
             residual_dtype=ctx.branch_dtype)
         if grad_branch is not None:
@@ -441,11 +439,11 @@ def channel_affinity(x: torch.Tensor, reduce_weight: torch.Tensor, reduce_bias: 
     kernels = _kernels('channel_affinity', 'channel_affinity', x, backend)
     if kernels is None or reduce_weight.dtype == torch.float64:
         return channel_affinity_ref(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
+    inputs = (x.contiguous(), reduce_weight.contiguous(), reduce_bias,
+              expand_weight.contiguous(), expand_bias)
     if _records_eager_backward():
-        return _ChannelAffinity.apply(x, reduce_weight, reduce_bias, expand_weight, expand_bias,
-                                      kernels)
-    return kernels.forward(x.contiguous(), reduce_weight.contiguous(), reduce_bias,
-                           expand_weight.contiguous(), expand_bias)
+        return _ChannelAffinity.apply(*inputs, kernels)
+    return kernels.forward(*inputs)
 
 
 def channel_affinity_ref(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
@@ -460,8 +458,7 @@ class _ChannelAffinity(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, reduce_weight, reduce_bias, expand_weight, expand_bias, kernels):
-        inputs = (x.contiguous(), reduce_weight.contiguous(), reduce_bias,
-                  expand_weight.contiguous(), expand_bias)
+        inputs = (x, reduce_weight, reduce_bias, expand_weight, expand_bias)
         ctx.save_for_backward(*inputs)
         ctx.kernels = kernels
         return kernels.forward(*inputs)

@@ -5,8 +5,8 @@ Tokens are ``B`` images of ``L`` rows of ``C`` channels, ``(B * L, C)`` with con
 GroupMamba's widths (64 to 512) make short rows, for which PyTorch's kernel is slow. One program
 normalises ``BLOCK_L`` rows of one image with all ``C`` channels in float32 and writes the output
 in the dtype the caller asks for, the per-row mean and reciprocal deviation, and optionally (for
-the GroupMamba layer's input) a channel-major copy ``(B, C, L)`` of the output and per-program
-channel means of it (per-program partial means, reduced afterwards). Backward sums the gradients of the outputs
+the GroupMamba layer's input) a channel-major copy ``(B, C, L)`` of the output and its channel
+means (per-program partial means, reduced afterwards). Backward sums the gradients of the outputs
 it was given and writes the input gradient and per-program partial sums of the weight and bias
 gradients over a fixed number of programs (deterministic, no atomics), reduced afterwards.
 Inside a block, the residual sum before the FFN's norm is made by the same pass (its input is
