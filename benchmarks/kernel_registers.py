@@ -131,7 +131,8 @@ def stencil_reports(arch: str, batch: int, size: int, warps: Optional[int]):
                      COLUMN_SUMS=sums, ROWS=cfg.rows, BLOCK_W=cfg.block_w,
                      BLOCK_C=cfg.block_c), cfg.warps, bf16, strides)
             print(_line(f'stencil, {pass_name}', geometry, report))
-        block_w, block_c = depthwise_conv._blocks(x, depthwise_conv._WGRAD_TILE)
+        block_w, block_c = depthwise_conv._blocks(x.shape, x.stride(1) == 1,
+                                                  depthwise_conv._WGRAD_TILE)
         rows = depthwise_conv._WGRAD_ROWS
         report = compile_report(depthwise_conv._dwconv_wgrad_kernel,
                                 dict(ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c,

@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ._backends import check_backend, triton_unavailable
+from ._backends import check_backend, triton_module, triton_unavailable
 from ._tracing import exporting, traced
 
 
@@ -58,6 +58,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         if exporting():  # PyTorch's grouped convolution: standard operators only
             return _forward_impl(x, weight, bias, activation or '', 'torch')
         return _conv_fwd(x, weight, bias, activation or '', backend or '')
+    if not torch.is_grad_enabled():  # no graph to record: the autograd Function's host time saved
+        return _forward_impl(x, weight, bias, activation or '', backend or '')
     return _EagerDepthwiseConv.apply(x, weight, bias, activation or '', backend or '')
 
 
@@ -88,9 +90,9 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 
 def _forward_impl(x, weight, bias, activation, backend):
     triton_impl = _triton_for(x, weight, backend)
+    if triton_impl is not None:  # beyond autocast's reach
+        return triton_impl.forward(x, weight, bias, activation or None)
     with torch.autocast(x.device.type, enabled=False):
-        if triton_impl is not None:
-            return triton_impl.forward(x, weight, bias, activation or None)
         y = _torch_conv(x, weight, bias)
         if activation:
             y = _ACTIVATIONS[activation][0](y)
@@ -150,16 +152,16 @@ def _backward_impl(grad_y, x, weight, bias, activation, backend, with_output=Fal
     triton_impl = _triton_for(x, weight, backend)
     with_bias = bias is not None
     y = None
-    with torch.autocast(x.device.type, enabled=False):
-        if triton_impl is not None:
-            if activation:
-                grad_y = triton_impl.activation_grad(grad_y, x, weight, bias, activation,
-                                                     with_output=with_output)
-                if with_output:
-                    grad_y, y = grad_y
-            grad_x, grad_weight, grad_bias, *sums = triton_impl.backward(
-                grad_y, x, weight, with_bias, input_grad_sums=input_grad_sums)
-        else:
+    if triton_impl is not None:  # beyond autocast's reach
+        if activation:
+            grad_y = triton_impl.activation_grad(grad_y, x, weight, bias, activation,
+                                                 with_output=with_output)
+            if with_output:
+                grad_y, y = grad_y
+        grad_x, grad_weight, grad_bias, *sums = triton_impl.backward(
+            grad_y, x, weight, with_bias, input_grad_sums=input_grad_sums)
+    else:
+        with torch.autocast(x.device.type, enabled=False):
             k, dtype = weight.shape[-1], _compute_dtype(x)
             if activation:
                 pre_activation = _torch_conv(x, weight, bias)
@@ -233,8 +235,7 @@ def _triton_for(x: torch.Tensor, weight: torch.Tensor, backend: str):
     convolution)."""
     if backend == 'torch' or _triton_unavailable(x, weight) is not None:
         return None
-    from .triton import depthwise_conv
-    return depthwise_conv
+    return triton_module('depthwise_conv')
 
 
 def _check_inputs(x, weight, bias):

@@ -22,14 +22,13 @@ itself; the FFN's hidden map is still recomputed, through activation checkpointi
 autograd, plain operators are what tracers (the FLOPs counter) understand. The ``*_ref``
 functions are those plain operators, the references of the tests.
 """
-import importlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
-from ._backends import check_backend, triton_unavailable
+from ._backends import check_backend, triton_module, triton_unavailable
 from ._tracing import exporting, traced
 from .depthwise_conv import conv_activation_backward, depthwise_conv2d
 
@@ -258,7 +257,7 @@ def _kernels(module: str, function: str, x: torch.Tensor, backend: Optional[str]
         raise ValueError(f"{function}(backend='triton') cannot run here: {reason}")
     if backend == 'torch' or reason is not None:
         return None
-    return importlib.import_module(f'.triton.{module}', __package__)
+    return triton_module(module)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

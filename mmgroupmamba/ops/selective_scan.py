@@ -37,15 +37,17 @@ backend module exposes::
   forward wants back in backward (may be empty), shaped as ``saved_shapes`` says (whose
   arguments may be symbolic sizes under ``torch.compile``). Gradients are shaped like their
   inputs, in any floating dtype (the op casts them to the inputs' dtypes).
-- Both are called with autocast disabled; low-precision inputs must accumulate in float32.
+- The PyTorch backend is called with autocast disabled; low-precision inputs must accumulate in
+  float32.
 """
+import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import graph_scan, torch_scan
 from ._directions import MAX_KERNEL_GROUPS, SCAN_DIRECTIONS
-from ._backends import check_backend, triton_unavailable
+from ._backends import check_backend, triton_module, triton_unavailable
 from ._tracing import exporting, traced
 
 
@@ -108,6 +110,8 @@ def selective_scan(u: torch.Tensor,
         return _scan_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus),
                          list(direction_ids), list(spatial_shape), out_dtype, backend)[0]
     config = (bool(delta_softplus), direction_ids, spatial_shape, backend)
+    if not torch.is_grad_enabled():  # no graph to record: the autograd Function's host time saved
+        return _forward_impl(u, delta, A, B, C, D, delta_bias, config, out_dtype)[0]
     return _EagerScan.apply(u, delta, A, B, C, D, delta_bias, config, out_dtype)
 
 
@@ -116,8 +120,7 @@ def _forward_impl(u, delta, A, B, C, D, delta_bias, config, out_dtype):
     direction ids, spatial shape, backend name)``."""
     delta_softplus, directions, spatial_shape, backend = config
     impl = _backend_for(u.device, backend, B.shape[1])
-    # Autocast must not lower the scan's arithmetic; the backends accumulate in float32.
-    with torch.autocast(u.device.type, enabled=False):
+    with _no_autocast(impl, u.device):
         return impl.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions,
                                  spatial_shape, out_dtype)
 
@@ -127,7 +130,7 @@ def _backward_impl(u, delta, A, B, C, D, delta_bias, config, dy, saved):
     D or delta_bias)."""
     delta_softplus, directions, spatial_shape, backend = config
     impl = _backend_for(u.device, backend, B.shape[1])
-    with torch.autocast(u.device.type, enabled=False):
+    with _no_autocast(impl, u.device):
         grads = impl.scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions,
                                    spatial_shape, dy, tuple(saved))
     return tuple(None if x is None else grad.to(x.dtype)
@@ -246,9 +249,17 @@ def _triton_unavailable(device: torch.device, groups: int) -> Optional[str]:
 
 def _backend_for(device: torch.device, backend_name: str, groups: int):
     if backend_name != 'torch' and _triton_unavailable(device, groups) is None:
-        from .triton import scan
-        return scan
+        return triton_module('scan')
     return torch_scan
+
+
+def _no_autocast(impl, device: torch.device):
+    """Autocast off around the PyTorch backend, whose operators it would lower (the backends
+    accumulate in float32); the Triton kernels are beyond its reach, and entering and leaving it
+    costs more host time than their launch."""
+    if impl is torch_scan:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _direction_id(name: str) -> int:

@@ -136,6 +136,7 @@ INTERPRETER_CHECK = textwrap.dedent('''
              for rows in (8, 4, 1)]
     for (case, rows), activation in zip(cases, [None, 'silu', 'gelu'] * len(cases)):
         triton_depthwise_conv._STENCIL_ROWS = (rows,)
+        triton_depthwise_conv._plan.cache_clear()  # plans are cached per shape
         x, weight, bias = make_case(*case)
         grad_y = torch.randn_like(x)
         y = triton_depthwise_conv.forward(x, weight, bias, activation)

@@ -190,6 +190,7 @@ INTERPRETER_CHECK = textwrap.dedent('''
             (setting, case) for setting in settings for case in cases):
         for name, value in dict(defaults, **setting).items():
             setattr(triton_scan_n1, name, value)
+        triton_scan_n1.plan.cache_clear()  # plans are cached per shape
         L = H * W
         args = (torch.randn(batch, dim, L), 0.5 * torch.randn(batch, dim, L), -0.2 - torch.rand(dim, N),
                 torch.randn(batch, groups, N, L), torch.randn(batch, groups, N, L), torch.randn(dim),

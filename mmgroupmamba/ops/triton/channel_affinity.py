@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import compiled_binaries
+from .common import compiled_binaries, next_power_of_2
 
 # Elements of a weight tile (R x BLOCK_C): at 4096 (R = 64, 64 channels) backward spills.
 _TILE = 2048
@@ -27,7 +27,7 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tenso
     B, C = x.shape
     R = w1.shape[0]
     out = torch.empty((B, C), dtype=w1.dtype, device=x.device)
-    block_r = triton.next_power_of_2(R)
+    block_r = next_power_of_2(R)
     _affinity_fwd_kernel[(B, )](x, w1, b1, w2, b2, out, C, R, BLOCK_R=block_r,
                                 BLOCK_C=block_c or _block_c(block_r))
     return out
@@ -44,7 +44,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torc
     # Per image: grad_w1 (R * C), grad_b1 (R), grad_w2 (C * R), grad_b2 (C).
     size = 2 * R * C + R + C
     partial = torch.empty((B, size), dtype=torch.float32, device=x.device)
-    block_r = triton.next_power_of_2(R)
+    block_r = next_power_of_2(R)
     _affinity_bwd_kernel[(B, )](grad_out, x, w1, b1, w2, b2, grad_x, partial, C, R, size,
                                 BLOCK_R=block_r, BLOCK_C=block_c or _block_c(block_r))
     sums = partial.sum(dim=0)

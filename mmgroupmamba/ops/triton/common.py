@@ -9,6 +9,18 @@ import triton.language as tl
 from .._directions import MAX_KERNEL_GROUPS
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` of host integers (symbolic sizes pass). Triton's ``cdiv`` and
+    ``next_power_of_2`` are constexpr functions that cost microseconds per host call, which launch
+    planning makes dozens of times per block."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``), of a host integer."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def compiled_binaries(*kernels) -> int:
     """Kernel binaries compiled so far in this process for the ``@triton.jit`` functions
     ``kernels`` (one per distinct set of compile-time parameters and argument specialisations)."""

@@ -16,13 +16,14 @@ binaries. The strides stay specialised, as their divisibility lets loads along a
 channel axis vectorise; for channel counts that are multiples of 16 it does not change with the
 size.
 """
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import compiled_binaries
+from .common import compiled_binaries, cdiv, next_power_of_2
 
 # Elements per program tile (the weight gradient keeps ten float32 tiles of partial sums), and
 # rows per weight-gradient program.
@@ -55,9 +56,15 @@ def plan(x: torch.Tensor) -> StencilConfig:
     """The stencil's launch geometry for maps shaped and laid out like ``x`` (``(B, C, H, W)``):
     the contiguous axis of up to 64 elements by the rest of a 2048-element tile, and the rows
     per program of ``_STENCIL_ROWS`` (the first that leaves ``_MIN_PROGRAMS`` programs)."""
-    B, C, H, W = x.shape
-    block_w, block_c = _blocks(x)
-    tiles = triton.cdiv(W, block_w) * triton.cdiv(C, block_c)
+    return _plan(x.shape, x.stride(1) == 1)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(shape: torch.Size, channels_last: bool) -> StencilConfig:
+    # Cached: the host time of a call is what eager training waits for (sizes repeat).
+    B, C, H, W = shape
+    block_w, block_c = _blocks(shape, channels_last)
+    tiles = cdiv(W, block_w) * cdiv(C, block_c)
     return StencilConfig(block_w, block_c, _stencil_rows(B * tiles, H), 4)
 
 
@@ -98,10 +105,10 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_b
     sums_x = _stencil(grad_y, weight, None, grad_x, mirrored=True, column_sums=input_grad_sums,
                       cfg=cfg)
     B, C, H, W = x.shape
-    block_w, block_c = _blocks(x, _WGRAD_TILE)
-    row_blocks = triton.cdiv(H, _WGRAD_ROWS)
+    block_w, block_c = _blocks(x.shape, x.stride(1) == 1, _WGRAD_TILE)
+    row_blocks = cdiv(H, _WGRAD_ROWS)
     partial = torch.empty((B * row_blocks, 10, C), dtype=torch.float32, device=x.device)
-    _dwconv_wgrad_kernel[(B * row_blocks, triton.cdiv(C, block_c))](
+    _dwconv_wgrad_kernel[(B * row_blocks, cdiv(C, block_c))](
         x, grad_y, partial, H, W, C, *x.stride(), *grad_y.stride(), row_blocks,
         ROWS=_WGRAD_ROWS, BLOCK_W=block_w, BLOCK_C=block_c)
     sums = partial.sum(0)
@@ -117,15 +124,15 @@ def compiled_kernel_count() -> int:
     return compiled_binaries(_dwconv_stencil_kernel, _dwconv_wgrad_kernel)
 
 
-def _blocks(x: torch.Tensor, tile: int = _TILE) -> Tuple[int, int]:
-    """(BLOCK_W, BLOCK_C) of ``tile`` elements: the contiguous axis gets up to 64, the other the
-    rest."""
-    _, C, _, W = x.shape
-    if x.stride(1) == 1 and C > 1:
-        block_c = min(64, triton.next_power_of_2(C))
-        return min(triton.next_power_of_2(W), tile // block_c), block_c
-    block_w = min(64, triton.next_power_of_2(W))
-    return block_w, min(triton.next_power_of_2(C), tile // block_w)
+def _blocks(shape: torch.Size, channels_last: bool, tile: int = _TILE) -> Tuple[int, int]:
+    """(BLOCK_W, BLOCK_C) of ``tile`` elements for (B, C, H, W) maps: the contiguous axis (the
+    channels where ``channels_last``) gets up to 64, the other the rest."""
+    _, C, _, W = shape
+    if channels_last and C > 1:
+        block_c = min(64, next_power_of_2(C))
+        return min(next_power_of_2(W), tile // block_c), block_c
+    block_w = min(64, next_power_of_2(W))
+    return block_w, min(next_power_of_2(C), tile // block_w)
 
 
 def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y=None,
@@ -134,7 +141,6 @@ def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y
     ``(C,)``, of the values before rounding to dst's dtype), else None."""
     B, C, H, W = src.shape
     block_w, block_c, rows, warps = plan(dst) if cfg is None else cfg
-    row_blocks = triton.cdiv(H, rows)
     # The kernel indexes the taps and bias densely (parameters are; a view might not be).
     has_bias = bias is not None
     weight = weight.contiguous()
@@ -144,12 +150,11 @@ def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y
     # ``out`` (with grad_y only) also receives the activation's output; it has dst's strides.
     store_output = out is not None
     assert not store_output or (with_grad and out.stride() == dst.stride())
-    same_strides = src.stride()[1:] == dst.stride()[1:] == grad_y.stride()[1:]
-    if max(_image_extent(t) for t in (src, dst, grad_y)) >= 2 ** 31:
-        raise ValueError(f'depthwise_conv2d: one image of {tuple(src.shape[1:])} spans 2^31 '
-                         'elements or more; the Triton stencil indexes an image with 32-bit '
-                         "offsets (use backend='torch')")
-    grid = (B * row_blocks, triton.cdiv(W, block_w), triton.cdiv(C, block_c))
+    strides = src.stride(), dst.stride(), grad_y.stride()
+    same_strides = strides[0][1:] == strides[1][1:] == strides[2][1:]
+    _check_extent(src.shape, *strides)
+    row_blocks = cdiv(H, rows)
+    grid = (B * row_blocks, cdiv(W, block_w), cdiv(C, block_c))
     partial = (torch.empty((grid[0] * grid[1], C), dtype=torch.float32, device=src.device)
                if column_sums else dst)
     _dwconv_stencil_kernel[grid](
@@ -162,16 +167,23 @@ def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y
     return partial.sum(dim=0) if column_sums else None
 
 
-def _image_extent(x: torch.Tensor) -> int:
-    """One past the largest element offset within one image of a (B, C, H, W) map."""
-    return 1 + sum((size - 1) * stride for size, stride in zip(x.shape[1:], x.stride()[1:]))
+@functools.lru_cache(maxsize=1024)
+def _check_extent(shape: torch.Size, *strides: Tuple[int, ...]) -> None:
+    """Raises unless every image of (B, C, H, W) maps of ``shape`` with these strides lies
+    within 32-bit offsets (cached: checked on every call)."""
+    extent = max(1 + sum((size - 1) * step for size, step in zip(shape[1:], stride[1:]))
+                 for stride in strides)
+    if extent >= 2 ** 31:
+        raise ValueError(f'depthwise_conv2d: one image of {tuple(shape[1:])} spans 2^31 '
+                         'elements or more; the Triton stencil indexes an image with 32-bit '
+                         "offsets (use backend='torch')")
 
 
 def _stencil_rows(tiles: int, height: int) -> int:
     """Output rows per stencil program for ``tiles`` (image, column block, channel block) tiles
     per image row: more rows load each input row fewer times, fewer give the GPU more programs."""
     for rows in _STENCIL_ROWS:
-        if tiles * triton.cdiv(height, rows) >= _MIN_PROGRAMS:
+        if tiles * cdiv(height, rows) >= _MIN_PROGRAMS:
             return rows
     return _STENCIL_ROWS[-1]
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import compiled_binaries
+from .common import compiled_binaries, cdiv, next_power_of_2
 
 # Elements of a program's tile, and the number of backward programs (each loops over row blocks,
 # so that the partial sums stay small).
@@ -45,7 +45,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     block_c, block_l, warps = _blocks(C, L, _TILE)
-    l_blocks = triton.cdiv(L, block_l)
+    l_blocks = cdiv(L, block_l)
     tokens = (None if token_dtype is None else
               torch.empty((images, C, L), dtype=token_dtype, device=x.device))
     partial = (torch.empty((images, l_blocks, C), dtype=torch.float32, device=x.device)
@@ -81,7 +81,7 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
     grad_residual = (None if residual_dtype is None else
                      torch.empty((M, C), dtype=residual_dtype, device=x.device))
     block_c, block_l, warps = _blocks(C, L, _BWD_TILE)
-    l_blocks = triton.cdiv(L, block_l)
+    l_blocks = cdiv(L, block_l)
     programs = min(_BWD_PROGRAMS, images * l_blocks)
     partial = torch.empty((2, programs, C), dtype=torch.float32, device=x.device)
     _layer_norm_bwd_kernel[(programs, )](
@@ -106,8 +106,8 @@ def _blocks(C: int, L: int, tile: int) -> Tuple[int, int, int]:
     """(BLOCK_C, BLOCK_L, warps): all channels by the rows of about ``tile`` elements, at least
     16 rows (the channel-major copy stores runs of BLOCK_L tokens), 8 warps past 4096
     elements."""
-    block_c = triton.next_power_of_2(C)
-    block_l = max(_MIN_ROWS, min(triton.next_power_of_2(L), tile // block_c))
+    block_c = next_power_of_2(C)
+    block_l = max(_MIN_ROWS, min(next_power_of_2(L), tile // block_c))
     return block_c, block_l, 8 if block_c * block_l > 4096 else 4
 
 

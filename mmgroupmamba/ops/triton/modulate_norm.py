@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import compiled_binaries
+from .common import compiled_binaries, cdiv, next_power_of_2
 
 # Elements of a program's tile.
 _TILE = 4096
@@ -36,7 +36,7 @@ def forward(x: torch.Tensor, m: torch.Tensor, skip_scale: torch.Tensor,
     block_c, block_t = _blocks(C, L, _TILE)
     has_affinity = affinity is not None
     affinity = affinity.contiguous() if has_affinity else x
-    _modulate_norm_fwd_kernel[(B, triton.cdiv(L, block_t))](
+    _modulate_norm_fwd_kernel[(B, cdiv(L, block_t))](
         x, m, skip_scale, affinity, weight.contiguous(), bias.contiguous(), out, mean, rstd,
         L, C, eps, *x.stride(), *m.stride(), HAS_AFFINITY=has_affinity, BLOCK_T=block_t,
         BLOCK_C=block_c)
@@ -52,7 +52,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, skip_scal
     grad_x = torch.empty_like(x)
     grad_m = torch.empty_like(m)
     block_c, block_t = _blocks(C, L, _BWD_TILE)
-    t_blocks = triton.cdiv(L, block_t)
+    t_blocks = cdiv(L, block_t)
     partial = torch.empty((4, B, t_blocks, C), dtype=torch.float32, device=x.device)
     has_affinity = affinity is not None
     affinity = affinity.contiguous() if has_affinity else x
@@ -75,8 +75,8 @@ def compiled_kernel_count() -> int:
 
 
 def _blocks(C: int, L: int, tile: int) -> Tuple[int, int]:
-    block_c = triton.next_power_of_2(C)
-    return block_c, max(1, min(triton.next_power_of_2(L), tile // block_c))
+    block_c = next_power_of_2(C)
+    return block_c, max(1, min(next_power_of_2(L), tile // block_c))
 
 
 @triton.jit

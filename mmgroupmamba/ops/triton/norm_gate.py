@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import compiled_binaries
+from .common import compiled_binaries, cdiv, next_power_of_2
 
 # Elements of a program's tile: backward holds about eight float32 tiles live.
 _TILE = 4096
@@ -31,7 +31,7 @@ def forward(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.
     mean = torch.empty((B, G, 1, L), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
     block_d, block_l = _blocks(d, L, _TILE)
-    grid = (B * G, triton.cdiv(L, block_l))
+    grid = (B * G, cdiv(L, block_l))
     _norm_gate_fwd_kernel[grid](
         y, z, weight.contiguous(), bias.contiguous(), out, mean, rstd, G, d, L, eps,
         *_strides(y), *_strides(z), *_strides(out), BLOCK_D=block_d, BLOCK_L=block_l)
@@ -47,7 +47,7 @@ def backward(grad_out: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weight: t
     grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     block_d, block_l = _blocks(d, L, _BWD_TILE)
-    l_blocks = triton.cdiv(L, block_l)
+    l_blocks = cdiv(L, block_l)
     partial = torch.empty((2, B, l_blocks, G, d), dtype=torch.float32, device=y.device)
     _norm_gate_bwd_kernel[(B * G, l_blocks)](
         grad_out, y, z, weight.contiguous(), bias.contiguous(), mean, rstd, grad_y, grad_z,
@@ -63,8 +63,8 @@ def compiled_kernel_count() -> int:
 
 
 def _blocks(d: int, L: int, tile: int) -> Tuple[int, int]:
-    block_d = triton.next_power_of_2(d)
-    return block_d, max(1, min(triton.next_power_of_2(L), tile // block_d))
+    block_d = next_power_of_2(d)
+    return block_d, max(1, min(next_power_of_2(L), tile // block_d))
 
 
 def _strides(x: torch.Tensor) -> Tuple[int, int, int]:

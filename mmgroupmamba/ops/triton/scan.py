@@ -32,8 +32,9 @@ import triton
 import triton.language as tl
 
 from . import scan_n1
-from .common import (affine_combine, compiled_binaries, direction_code, effective_delta,
-                     group_direction, or_dummy, program_channels, skip_and_bias, token_index)
+from .common import (affine_combine, cdiv, compiled_binaries, direction_code, effective_delta,
+                     group_direction, next_power_of_2, or_dummy, program_channels, skip_and_bias,
+                     token_index)
 
 # Elements (channels x states x steps) of one program's tile, per kernel: enough independent loads
 # in flight to stream at memory speed, few enough registers for backward's dozen live tiles.
@@ -79,15 +80,15 @@ def saved_shapes(batch, dim, groups, N, L):
     """Shape of ``states``, written so that symbolic sizes pass through (see ``_Tile``)."""
     if N == 1:
         return (scan_n1.states_shape(batch, dim, L), )
-    chunk = max(16, _MAX_CHUNK // triton.next_power_of_2(N))
+    chunk = max(16, _MAX_CHUNK // next_power_of_2(N))
     return ((batch, dim, -(-L // chunk), N), )
 
 
 def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
                   dy, saved):
-    """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)`` in the inputs' dtypes.
-
-    dA, dD and ddelta_bias are summed over the batch in float32 before the cast.
+    """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)``: du, ddelta, dB and dC in the
+    inputs' dtypes; dA, dD and ddelta_bias summed over the batch in float32 (cast by the op
+    where the parameters are not; the general-N kernels cast them here).
     """
     batch, dim, L = u.shape
     groups, N = B.shape[1], B.shape[2]
@@ -95,11 +96,10 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
     if N == 1:
         u, delta, A, B, C = _n1_inputs(u, delta, A, B, C)
         _, bwd_cfg = scan_n1.plan(batch, dim // groups, groups, L)
-        grads = scan_n1.backward(u, delta, A, B, C, D, delta_bias, delta_softplus,
-                                        directions, _spatial(spatial_shape, L), dy.contiguous(),
-                                        states, bwd_cfg, empty=_empty)
-        inputs = (u, delta, A, B, C, D, delta_bias)
-        return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs))
+        # The op casts the float32 parameter gradients to the parameters' dtypes.
+        return scan_n1.backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions,
+                                _spatial(spatial_shape, L), dy.contiguous(), states, bwd_cfg,
+                                empty=_empty)
     u, delta, A, B, C, dy = (t.contiguous() for t in (u, delta, A, B, C, dy))
     fwd_tile = _Tile(batch, dim, groups, N, L, _FWD_TILE)
     # Backward must cut the sequence where forward saved the states.
@@ -146,19 +146,19 @@ class _Tile:
     def __init__(self, batch: int, dim: int, groups: int, N: int, L: int, elements: int,
                  block_l: Optional[int] = None):
         dim_per_group = dim // groups
-        self.block_n = triton.next_power_of_2(N)
+        self.block_n = next_power_of_2(N)
         if block_l is None:
-            block_l = min(max(triton.next_power_of_2(L), 16),
+            block_l = min(max(next_power_of_2(L), 16),
                           max(16, _MAX_CHUNK // self.block_n))
         self.block_l = block_l
-        block_d = min(triton.next_power_of_2(dim_per_group),
+        block_d = min(next_power_of_2(dim_per_group),
                       max(1, elements // (self.block_l * self.block_n)))
-        while block_d > 1 and batch * groups * triton.cdiv(dim_per_group, block_d) < _MIN_PROGRAMS:
+        while block_d > 1 and batch * groups * cdiv(dim_per_group, block_d) < _MIN_PROGRAMS:
             block_d //= 2
         self.block_d = block_d
-        self.d_blocks = triton.cdiv(dim_per_group, block_d)
+        self.d_blocks = cdiv(dim_per_group, block_d)
         self.programs = batch * groups * self.d_blocks
-        self.chunks = triton.cdiv(L, self.block_l)
+        self.chunks = cdiv(L, self.block_l)
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -23,14 +23,16 @@ changing image sizes of detection reuse a handful of compiled kernels. The publi
 (``plan``, ``LaunchConfig``, ``forward``/``backward`` with an explicit geometry, ``STATE_STEPS``)
 are the tuning interface that ``benchmarks/sweep_scan_tiles.py`` sweeps.
 """
+import functools
 from typing import NamedTuple, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import (affine_combine, compiled_binaries, direction_code, effective_delta,
-                     group_direction, or_dummy, program_channels, skip_and_bias, token_index)
+from .common import (affine_combine, cdiv, compiled_binaries, direction_code, effective_delta,
+                     group_direction, next_power_of_2, or_dummy, program_channels, skip_and_bias,
+                     token_index)
 
 __all__ = ['LaunchConfig', 'plan', 'forward', 'backward', 'states_shape', 'STATE_STEPS',
            'bc_strides_ok', 'compiled_kernel_count']
@@ -80,10 +82,12 @@ class LaunchConfig(NamedTuple):
     warps: int
 
 
+@functools.lru_cache(maxsize=1024)
 def plan(batch: int, dim_per_group: int, groups: int, L: int) -> Tuple[LaunchConfig, LaunchConfig]:
-    """Forward and backward launch geometry for one call shape (powers of two only)."""
-    fwd_t = min(max(16, triton.next_power_of_2(L)), _MAX_T)
-    most = triton.next_power_of_2(dim_per_group)
+    """Forward and backward launch geometry for one call shape (powers of two only; cached,
+    as asked on every call)."""
+    fwd_t = min(max(16, next_power_of_2(L)), _MAX_T)
+    most = next_power_of_2(dim_per_group)
     many_rows = batch * groups * dim_per_group >= _MANY_ROWS
     one_chunk = L <= min(_SHORT_T, _MAX_T)
     if one_chunk:
@@ -101,7 +105,7 @@ def plan(batch: int, dim_per_group: int, groups: int, L: int) -> Tuple[LaunchCon
         bwd = LaunchConfig(min(most, _SHORT_BWD_D), fwd_t, 1)
     else:
         bwd_t, bwd_warps = (_LONG_BWD_T, _LONG_BWD_WARPS) if L >= _LONG_L else (fwd_t, _WARPS)
-        bwd_t = max(bwd_t, min(STATE_STEPS, triton.next_power_of_2(L)))
+        bwd_t = max(bwd_t, min(STATE_STEPS, next_power_of_2(L)))
         bwd = LaunchConfig(_block_d(batch, dim_per_group, groups, _TILE // bwd_t,
                                     _BWD_MIN_PROGRAMS), bwd_t, bwd_warps)
     return fwd, bwd
@@ -121,8 +125,8 @@ def _state_count(L):
 
 
 def _block_d(batch: int, dim_per_group: int, groups: int, want: int, min_programs: int) -> int:
-    block_d = max(1, min(triton.next_power_of_2(dim_per_group), want))
-    while block_d > 1 and batch * groups * triton.cdiv(dim_per_group, block_d) < min_programs:
+    block_d = max(1, min(next_power_of_2(dim_per_group), want))
+    while block_d > 1 and batch * groups * cdiv(dim_per_group, block_d) < min_programs:
         block_d //= 2
     return block_d
 
@@ -140,8 +144,8 @@ def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatia
     groups = B.shape[1]
     dim_per_group = dim // groups
     H, W = spatial_shape
-    n_chunks = triton.cdiv(L, cfg.block_t)
-    d_blocks = triton.cdiv(dim_per_group, cfg.block_d)
+    n_chunks = cdiv(L, cfg.block_t)
+    d_blocks = cdiv(dim_per_group, cfg.block_d)
     y = empty(u.shape, dtype=out_dtype, device=u.device)
     states = empty(states_shape(batch, dim, L), dtype=torch.float32, device=u.device)
     _scan_n1_fwd_kernel[(batch * groups * d_blocks, )](
@@ -169,9 +173,9 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
     groups = B.shape[1]
     dim_per_group = dim // groups
     H, W = spatial_shape
-    n_chunks = triton.cdiv(L, cfg.block_t)
+    n_chunks = cdiv(L, cfg.block_t)
     assert n_chunks == 1 or cfg.block_t % STATE_STEPS == 0, (cfg.block_t, STATE_STEPS)
-    d_blocks = triton.cdiv(dim_per_group, cfg.block_d)
+    d_blocks = cdiv(dim_per_group, cfg.block_d)
     du = empty(u.shape, dtype=u.dtype, device=u.device)
     ddelta = empty(delta.shape, dtype=delta.dtype, device=u.device)
     # dA, dD, ddelta_bias sum over images (and dB/dC over channel blocks) with atomics into one
