@@ -20,9 +20,10 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmseg.registry import MODELS as MMSEG_MODELS
 from timm.layers import DropPath
 
-from ..ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
-from ..ops.fused import (add_layer_norm, channel_affinity, compute_dtype, ffn, group_norm_gate,
-                         layer_norm, mixer_norm, modulate_norm, per_image)
+from ..ops import SCAN_DIRECTIONS
+from ..ops.fused import (add_layer_norm, channel_affinity, compute_dtype, ffn, layer_norm,
+                         mixer_norm, modulate_norm)
+from ..ops.mixer import grouped_ss2d
 from .compiling import dense_conv, resolve_compile, run_compiled
 from .weights import check_outputs_finite, check_weights_on_load
 
@@ -164,34 +165,15 @@ class GroupedSS2D(nn.Module):
         norm writes them so) -> (B, H, W, C), a view of channel-major memory."""
         B, C, L = tokens.shape
         H, W = spatial_shape
-        G, d, N, R = self.groups, self.group_dims, self.d_state, self.dt_rank
         # Group-major, channel-major (B, G, d, L) from the input projection to the output
         # projection: the layout of the scan and of the depthwise convolution, in which every
         # projection is one batched matmul over the groups. The output stays a channel-major
         # view that the layer's tail reads in place.
-        tokens = tokens.view(B, G, d, L)
-        dtype = tokens.dtype
-        w_u, w_z = per_image(self.in_proj_weight, B, dtype).split(d, dim=2)
-        u, z = torch.matmul(w_u, tokens), torch.matmul(w_z, tokens)
-        u = depthwise_conv2d(u.view(B, C, H, W), self.conv.weight, self.conv.bias,
-                             activation='silu').view(B, G, d, L)
-        # dt, B and C: views of x_dbl, (B, G, R or N, L), which the matmul and the scan take
-        # without a copy; split, so that their gradients meet in one concatenation.
-        dt, Bs, Cs = torch.matmul(per_image(self.x_proj_weight, B, dtype), u).split(
-            (R, N, N), dim=2)
-        dt = torch.matmul(per_image(self.dt_proj_weight, B, dtype), dt)  # (B, G, d, L)
-        y = _scan(u.view(B, C, L), dt.view(B, C, L), -torch.exp(self.A_log.float()), Bs, Cs,
-                  self.D.float(), self.dt_bias.float(), spatial_shape=(H, W))
-        y = group_norm_gate(y.view(B, G, d, L), z.view(B, G, d, L), self.out_norm_weight,
-                            self.out_norm_bias, _INNER_NORM_EPS)
-        out = torch.matmul(per_image(self.out_proj_weight, B, y.dtype), y)  # (B, G, d, L)
+        out = grouped_ss2d(tokens, (H, W), self.in_proj_weight, self.conv.weight, self.conv.bias,
+                           self.x_proj_weight, self.dt_proj_weight, self.dt_bias, self.A_log,
+                           self.D, self.out_norm_weight, self.out_norm_bias,
+                           self.out_proj_weight, _INNER_NORM_EPS, SCAN_DIRECTIONS)
         return out.view(B, C, H, W).permute(0, 2, 3, 1)
-
-
-def _scan(u, delta, A, B, C, D, delta_bias, spatial_shape):
-    """The selective scan with softplus and the four groups' directions."""
-    return selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True,
-                          spatial_shape=spatial_shape, directions=SCAN_DIRECTIONS)
 
 
 class ChannelAffinity(nn.Module):

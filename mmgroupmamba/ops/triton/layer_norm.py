@@ -13,6 +13,7 @@ Inside a block, the residual sum before the FFN's norm is made by the same pass 
 ``x + branch``, which it also writes), and backward adds the residual stream's gradient and writes
 the sum for both addends.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -102,6 +103,7 @@ def compiled_kernel_count() -> int:
     return compiled_binaries(_layer_norm_fwd_kernel, _layer_norm_bwd_kernel)
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every call; sizes repeat
 def _blocks(C: int, L: int, tile: int) -> Tuple[int, int, int]:
     """(BLOCK_C, BLOCK_L, warps): all channels by the rows of about ``tile`` elements, at least
     16 rows (the channel-major copy stores runs of BLOCK_L tokens), 8 warps past 4096

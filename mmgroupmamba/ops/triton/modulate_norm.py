@@ -9,6 +9,7 @@ product, writes the gradients of ``x`` and ``m`` in their own layouts and per-pr
 sums for the LayerNorm's weight and bias, the affinity (per image) and ``skip_scale``, reduced
 afterwards (deterministic, no atomics).
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -74,6 +75,7 @@ def compiled_kernel_count() -> int:
     return compiled_binaries(_modulate_norm_fwd_kernel, _modulate_norm_bwd_kernel)
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every call; sizes repeat
 def _blocks(C: int, L: int, tile: int) -> Tuple[int, int]:
     block_c = next_power_of_2(C)
     return block_c, max(1, min(next_power_of_2(L), tile // block_c))

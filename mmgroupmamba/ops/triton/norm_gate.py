@@ -9,6 +9,7 @@ and the per-token mean and reciprocal deviation; backward reads ``y``, ``z`` and
 gradient once, recomputes the rest, writes both input gradients and per-program partial sums of
 the affine parameters' gradients (reduced afterwards: deterministic, no atomics).
 """
+import functools
 from typing import Tuple
 
 import torch
@@ -62,6 +63,7 @@ def compiled_kernel_count() -> int:
     return compiled_binaries(_norm_gate_fwd_kernel, _norm_gate_bwd_kernel)
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every call; sizes repeat
 def _blocks(d: int, L: int, tile: int) -> Tuple[int, int]:
     block_d = next_power_of_2(d)
     return block_d, max(1, min(next_power_of_2(L), tile // block_d))
