@@ -177,7 +177,6 @@ class _GroupedSS2D(torch.autograd.Function):
 
         grad_out_proj = weight_grad(grad_out, gated, out_dtype)
         grad_gated = torch.matmul(_mT(w_out), grad_out)
-        del gated
         grad_y, grad_z, grad_norm_weight, grad_norm_bias = norm_gate.backward(
             grad_gated, y, z, norm_weight, norm_bias, mean, rstd)
         del grad_gated
