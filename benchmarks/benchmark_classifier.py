@@ -6,7 +6,9 @@ r"""Throughput and memory of GroupMamba classifiers next to timm's Swin-T and Co
 
 Training = forward, loss, backward and AdamW step under bf16 autocast; inference = eval-mode
 forward in bf16 (autocast) and in fp32. Random inputs; median of timed windows after warm-up.
-Every model runs in every one of ``--modes``, so rows of one mode compare like for like:
+Every model trains with the same stochastic depth (``--drop-path-rate``, rising to 0.1 over the
+blocks by default, timm's setting for Swin-T). Every model runs in every one of ``--modes``, so
+rows of one mode compare like for like:
 ``eager``, or compiled in that ``torch.compile`` mode on CUDA (GroupMamba through its
 ``torch_compile`` option, its backbone as one graph; timm's models through ``torch.compile`` as a
 whole; ``reduce-overhead`` replays CUDA graphs). After the table, each GroupMamba's rates as a
@@ -29,12 +31,15 @@ GROUPMAMBA = {'gm_t': 'tiny', 'gm_s': 'small', 'gm_b': 'base'}
 PEERS = {'swin_t': 'swin_tiny_patch4_window7_224', 'convnext_t': 'convnext_tiny'}
 
 
-def build_model(name: str, compile_mode, device: str) -> torch.nn.Module:
-    """The classifier ``name`` (random weights), eager when ``compile_mode`` is False, else
-    compiled in that ``torch.compile`` mode where GroupMamba compiles (CUDA)."""
+def build_model(name: str, compile_mode, device: str,
+                drop_path_rate: float = 0.1) -> torch.nn.Module:
+    """The classifier ``name`` (random weights, stochastic depth up to ``drop_path_rate``),
+    eager when ``compile_mode`` is False, else compiled in that ``torch.compile`` mode where
+    GroupMamba compiles (CUDA)."""
     if name in GROUPMAMBA:
-        return GroupMambaClassifier(arch=GROUPMAMBA[name], torch_compile=compile_mode)
-    model = timm.create_model(PEERS[name])
+        return GroupMambaClassifier(arch=GROUPMAMBA[name], torch_compile=compile_mode,
+                                    drop_path_rate=drop_path_rate)
+    model = timm.create_model(PEERS[name], drop_path_rate=drop_path_rate)
     if compile_mode is False or torch.device(device).type != 'cuda':
         return model
     return torch.compile(model, mode=compile_mode)
@@ -54,6 +59,8 @@ def parse_args():
     parser.add_argument('--modes', nargs='+', default=['eager', 'default'],
                         choices=['eager', *COMPILE_MODES],
                         help="'eager' and/or torch.compile modes ('reduce-overhead': CUDA graphs)")
+    parser.add_argument('--drop-path-rate', type=float, default=0.1,
+                        help="every model's stochastic depth (timm's default for Swin-T)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', help='also write the results as JSON to this file')
     return parser.parse_args()
@@ -68,7 +75,7 @@ def main():
         compile_mode = False if mode == 'eager' else mode
 
         def build():
-            return build_model(name, compile_mode, args.device)
+            return build_model(name, compile_mode, args.device, args.drop_path_rate)
 
         if 'train' not in args.skip:
             train = measure_training(build(), steps=args.steps, **setting)

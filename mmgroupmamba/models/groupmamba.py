@@ -18,7 +18,6 @@ from mmdet.registry import MODELS as MMDET_MODELS
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmseg.registry import MODELS as MMSEG_MODELS
-from timm.layers import DropPath
 
 from ..ops import SCAN_DIRECTIONS
 from ..ops.fused import (add_layer_norm, channel_affinity, compute_dtype, ffn, layer_norm,
@@ -245,7 +244,12 @@ class FFN(nn.Module):
 
 
 class GroupMambaBlock(nn.Module):
-    """x + DropPath(GroupMambaLayer(x)); x + DropPath(FFN(LN(x))) on (B, H, W, C) tokens."""
+    """x + DropPath(GroupMambaLayer(x)); x + DropPath(FFN(LN(x))) on (B, H, W, C) tokens.
+
+    Stochastic depth drops each branch per image with probability ``drop_path`` and scales the
+    kept ones by ``1 / (1 - drop_path)``, as timm's ``DropPath``; both branches' masks come from
+    one draw and are applied in the residual sums (three kernels forward instead of six).
+    """
 
     def __init__(self, embed_dims: int, mlp_ratio: float, drop_path: float = 0.,
                  with_cam: bool = True):
@@ -253,14 +257,28 @@ class GroupMambaBlock(nn.Module):
         self.mixer = GroupMambaLayer(embed_dims, with_cam)
         self.norm = nn.LayerNorm(embed_dims, eps=_NORM_EPS)
         self.ffn = FFN(embed_dims, int(embed_dims * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.mixer(x)
+        scales = self._kept_branch_scales(branch)
+        if scales is not None:
+            branch = branch * scales[0, :, None, None, None]
         # The residual sum and the FFN's norm in one pass; the FFN computes in the compute
         # dtype, which the norm writes (not float32).
-        x, h = add_layer_norm(x, self.drop_path(self.mixer(x)), self.norm.weight, self.norm.bias,
-                              self.norm.eps, compute_dtype(x))
-        return x + self.drop_path(self.ffn(h))
+        x, h = add_layer_norm(x, branch, self.norm.weight, self.norm.bias, self.norm.eps,
+                              compute_dtype(x))
+        if scales is None:
+            return x + self.ffn(h)
+        return torch.addcmul(x, self.ffn(h), scales[1, :, None, None, None])
+
+    def _kept_branch_scales(self, branch: torch.Tensor) -> Optional[torch.Tensor]:
+        """(2, B): per image, 0 for a dropped branch (mixer, FFN), else 1 / keep; None when
+        nothing is dropped (eval, or a rate of 0)."""
+        if not self.training or self.drop_path == 0:
+            return None
+        keep = 1 - self.drop_path
+        return branch.new_empty(2, branch.shape[0]).bernoulli_(keep).div_(keep)
 
 
 class ClassBlock(nn.Module):

@@ -46,3 +46,14 @@ def test_ratios_compare_within_a_mode():
     lines = benchmark_classifier.ratio_lines(rows, ['train_img_s', 'train_peak_gib'])
     assert lines == ['gm_t / swin_t (eager): train_img_s 0.50x, train_peak_gib 2.00x',
                      'gm_t / swin_t (default): train_img_s 0.50x']
+
+
+def test_every_model_gets_the_same_stochastic_depth():
+    """timm's Swin-T drops paths up to 0.1 by default; GroupMamba up to 0.0: the benchmark gives
+    both one rate, so that neither trains with more work per step."""
+    groupmamba = benchmark_classifier.build_model('gm_t', False, 'cpu', 0.2)
+    swin = benchmark_classifier.build_model('swin_t', False, 'cpu', 0.2)
+    gm_rates = [block.drop_path for stage in groupmamba.backbone.stages for block in stage.blocks]
+    swin_rates = [block.drop_path1.drop_prob for layer in swin.layers for block in layer.blocks
+                  if hasattr(block.drop_path1, 'drop_prob')]
+    assert max(gm_rates) == pytest.approx(0.2) and max(swin_rates) == pytest.approx(0.2)

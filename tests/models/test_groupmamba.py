@@ -168,10 +168,33 @@ def test_compiled_graphs_call_convolutions_as_opaque_operators():
 def test_drop_path_schedule():
     model = GroupMamba(ARCH, drop_path_rate=0.25)
     blocks = [block for stage in model.stages for block in stage.blocks]
-    assert isinstance(blocks[0].drop_path, torch.nn.Identity)
-    rates = [block.drop_path.drop_prob for block in blocks[1:]]
-    expected = [0.25 * i / (len(blocks) - 1) for i in range(1, len(blocks))]
+    rates = [block.drop_path for block in blocks]
+    expected = [0.25 * i / (len(blocks) - 1) for i in range(len(blocks))]
     assert rates == pytest.approx(expected)
+
+
+def test_drop_path_drops_each_branch_per_image():
+    """Training with stochastic depth: per image, each branch is dropped or kept (scaled by
+    1 / keep) as timm's DropPath does, from one (2, B) draw; eval drops nothing."""
+    from mmgroupmamba.models.groupmamba import GroupMambaBlock
+    torch.manual_seed(0)
+    block = randomize(GroupMambaBlock(16, 2., drop_path=0.5)).train()
+    x = torch.randn(32, 5, 6, 16)
+    torch.manual_seed(1)
+    out = block(x)
+    torch.manual_seed(1)
+    scales = torch.empty(2, 32).bernoulli_(0.5).div_(0.5)
+    assert set(scales.unique().tolist()) == {0., 2.}
+    # The same block without dropping, its branches rebuilt and scaled by hand.
+    mixed = x + block.mixer(x) * scales[0, :, None, None, None]
+    ffn_out = block.ffn(block.norm(mixed))
+    expected = mixed + ffn_out * scales[1, :, None, None, None]
+    torch.testing.assert_close(out, expected)
+    kept_mixer = scales[0] > 0
+    assert 0 < kept_mixer.sum() < 32  # both cases occur
+    block.eval()
+    mixed = x + block.mixer(x)
+    torch.testing.assert_close(block(x), mixed + block.ffn(block.norm(mixed)))
 
 
 @pytest.mark.parametrize('arch,count', [('tiny', 23_361_917), ('small', 34_781_555),
