@@ -167,7 +167,7 @@ def layer_norm_reports(arch: str, batch: int, size: int):
 def scan_reports(arch: str, batch: int, size: int):
     from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
     bf16 = ('u_ptr', 'delta_ptr', 'B_ptr', 'C_ptr', 'y_ptr', 'dy_ptr', 'du_ptr', 'ddelta_ptr')
-    common = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ROW_MAJOR=False)
+    common = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ROW_MAJOR=False, A_LOG=True)
     for stage, dims in enumerate(ARCH_SETTINGS[arch]['embed_dims']):
         side = size // 4 >> stage
         L, d = side * side, dims // 4

@@ -131,15 +131,15 @@ def _forward(tokens, in_proj_weight, conv_weight, conv_bias, x_proj_weight, dt_p
     x_dbl = torch.matmul(w_x, u)
     dt, Bs, Cs = x_dbl.split((R, 1, 1), dim=2)
     delta = torch.matmul(w_dt, dt)
-    A = -torch.exp(A_log.float())
+    # The kernel takes A = -exp(A_log) itself (and returns A_log's gradient).
     D32, bias32 = D.float(), dt_bias.float()
-    y, states = scan.scan_forward(u.view(B, C, L), delta.view(B, C, L), A, Bs, Cs, D32, bias32,
-                                  True, directions, (H, W), dtype)
+    y, states = scan.scan_forward(u.view(B, C, L), delta.view(B, C, L), A_log, Bs, Cs, D32,
+                                  bias32, True, directions, (H, W), dtype, a_log=True)
     y = y.view(B, G, d, L)
     gated, mean, rstd = norm_gate.forward(y, z, norm_weight, norm_bias, eps)
     out = torch.matmul(w_out, gated)
-    return out, (x, w_in, pre, z, u, w_x, x_dbl, w_dt, delta, A, D32, bias32, y, gated, mean,
-                 rstd, w_out, conv_weight, conv_bias, norm_weight, norm_bias, *states)
+    return out, (x, w_in, pre, z, u, w_x, x_dbl, w_dt, delta, A_log, D32, bias32, y, gated,
+                 mean, rstd, w_out, conv_weight, conv_bias, norm_weight, norm_bias, *states)
 
 
 class _GroupedSS2D(torch.autograd.Function):
@@ -160,7 +160,7 @@ class _GroupedSS2D(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        (x, w_in, pre, z, u, w_x, x_dbl, w_dt, delta, A, D32, bias32, y, gated, mean, rstd,
+        (x, w_in, pre, z, u, w_x, x_dbl, w_dt, delta, A_log, D32, bias32, y, gated, mean, rstd,
          w_out, conv_weight, conv_bias, norm_weight, norm_bias, *states) = ctx.saved_tensors
         (H, W), _, directions = ctx.config
         (in_dtype, x_dtype, dt_dtype, bias_dtype, A_dtype, D_dtype,
@@ -181,9 +181,9 @@ class _GroupedSS2D(torch.autograd.Function):
             grad_gated, y, z, norm_weight, norm_bias, mean, rstd)
         del grad_gated
         dt, Bs, Cs = x_dbl.split((R, 1, 1), dim=2)
-        grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_bias = scan.scan_backward(
-            u.view(B, C, L), delta.view(B, C, L), A, Bs, Cs, D32, bias32, True, directions,
-            (H, W), grad_y.view(B, C, L), tuple(states))
+        grad_u, grad_delta, grad_A_log, grad_B, grad_C, grad_D, grad_bias = scan.scan_backward(
+            u.view(B, C, L), delta.view(B, C, L), A_log, Bs, Cs, D32, bias32, True, directions,
+            (H, W), grad_y.view(B, C, L), tuple(states), a_log=True)
         del grad_y
         grad_delta = grad_delta.to(x.dtype).view(B, G, d, L)
         grad_dt_proj = weight_grad(grad_delta, dt, dt_dtype)
@@ -207,9 +207,8 @@ class _GroupedSS2D(torch.autograd.Function):
                                  dim=2).sum(0, dtype=in_dtype)
         grad_x = torch.matmul(_mT(w_u), grad_pre).view(B * G, d, L)
         grad_x.baddbmm_(_mT(w_z).reshape(B * G, d, d), grad_z.view(B * G, d, L))
-        grad_A_log = (grad_A * A).to(A_dtype)
         return (grad_x.view(B, C, L), grad_in_proj, _like(conv_weight, grad_conv_weight),
                 grad_conv_bias.to(conv_bias.dtype), grad_x_proj, grad_dt_proj,
-                grad_bias.to(bias_dtype), grad_A_log, grad_D.to(D_dtype),
+                grad_bias.to(bias_dtype), grad_A_log.to(A_dtype), grad_D.to(D_dtype),
                 grad_norm_weight.to(norm_weight.dtype), grad_norm_bias.to(norm_bias.dtype),
                 grad_out_proj, None)

@@ -51,17 +51,20 @@ _MIN_PROGRAMS = 512
 
 
 def scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
-                 out_dtype):
-    """Returns ``(y, saved)``: ``y`` ``(batch, dim, L)`` in ``out_dtype``, ``saved = (states,)``."""
+                 out_dtype, *, a_log=False):
+    """Returns ``(y, saved)``: ``y`` ``(batch, dim, L)`` in ``out_dtype``, ``saved = (states,)``.
+    ``a_log`` (one state only, beyond the backend contract): ``A`` holds ``log(-A)``, and
+    :func:`scan_backward` returns its gradient."""
     batch, dim, L = u.shape
     groups, N = B.shape[1], B.shape[2]
     if N == 1:
         u, delta, A, B, C = _n1_inputs(u, delta, A, B, C)
         fwd_cfg, _ = scan_n1.plan(batch, dim // groups, groups, L)
         y, states = scan_n1.forward(u, delta, A, B, C, D, delta_bias, delta_softplus,
-                                           directions, _spatial(spatial_shape, L), out_dtype,
-                                           fwd_cfg, empty=_empty)
+                                    directions, _spatial(spatial_shape, L), out_dtype, fwd_cfg,
+                                    empty=_empty, a_log=a_log)
         return y, (states, )
+    assert not a_log, 'A_log is taken for one state only'
     u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
     tile = _Tile(batch, dim, groups, N, L, _FWD_TILE)
     H, W = _spatial(spatial_shape, L)
@@ -85,7 +88,7 @@ def saved_shapes(batch, dim, groups, N, L):
 
 
 def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
-                  dy, saved):
+                  dy, saved, *, a_log=False):
     """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)``: du, ddelta, dB and dC in the
     inputs' dtypes; dA, dD and ddelta_bias summed over the batch in float32 (cast by the op
     where the parameters are not; the general-N kernels cast them here).
@@ -99,7 +102,8 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
         # The op casts the float32 parameter gradients to the parameters' dtypes.
         return scan_n1.backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions,
                                 _spatial(spatial_shape, L), dy.contiguous(), states, bwd_cfg,
-                                empty=_empty)
+                                empty=_empty, a_log=a_log)
+    assert not a_log, 'A_log is taken for one state only'
     u, delta, A, B, C, dy = (t.contiguous() for t in (u, delta, A, B, C, dy))
     fwd_tile = _Tile(batch, dim, groups, N, L, _FWD_TILE)
     # Backward must cut the sequence where forward saved the states.

@@ -132,9 +132,10 @@ def _block_d(batch: int, dim_per_group: int, groups: int, want: int, min_program
 
 
 def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
-            out_dtype, cfg: LaunchConfig, empty=torch.empty):
+            out_dtype, cfg: LaunchConfig, empty=torch.empty, a_log: bool = False):
     """Returns ``(y, states)``; ``states`` :func:`states_shape` float32, the state before every
-    ``STATE_STEPS``-th step.
+    ``STATE_STEPS``-th step. With ``a_log``, ``A`` holds ``log(-A)`` (a Mamba layer's ``A_log``)
+    and the kernel takes ``-exp`` of it.
 
     ``u, delta``: contiguous ``(batch, dim, L)``; ``B, C``: ``(batch, groups, 1, L)`` whose batch and
     group strides are multiples of ``L`` (a broadcast group stride of 0 is fine); ``directions``:
@@ -155,13 +156,15 @@ def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatia
         *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, BLOCK_D=cfg.block_d,
-        BLOCK_T=cfg.block_t, STATE_T=STATE_STEPS, PREFETCH=n_chunks > 1, num_warps=cfg.warps)
+        BLOCK_T=cfg.block_t, STATE_T=STATE_STEPS, PREFETCH=n_chunks > 1, A_LOG=a_log,
+        num_warps=cfg.warps)
     return y, states
 
 
 def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatial_shape,
-             dy, states, cfg: LaunchConfig, empty=torch.empty):
-    """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)``.
+             dy, states, cfg: LaunchConfig, empty=torch.empty, a_log: bool = False):
+    """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)``; with ``a_log`` (as for
+    :func:`forward`), ``dA`` is the gradient of ``A_log``.
 
     du/ddelta come in the inputs' dtypes, dA/dD/ddelta_bias in float32 (summed with atomics),
     dB/dC ``(batch, groups, 1, L)`` in B's dtype (summed in float32 when a group spans several
@@ -197,7 +200,8 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
         dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, ATOMIC_BC=atomic_bc,
-        BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, PREFETCH=n_chunks > 1, num_warps=cfg.warps)
+        BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, PREFETCH=n_chunks > 1, A_LOG=a_log,
+        num_warps=cfg.warps)
     if atomic_bc:
         dBC = dBC.to(B.dtype)  # both in one cast
     dA = param_grads[0].unsqueeze(1)
@@ -225,11 +229,13 @@ def _bc_strides(x: torch.Tensor, L: int):
 @triton.jit
 def _program_coords(dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr,
                     bias_ptr, dir_code, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    ROW_MAJOR: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Group, its direction, channels, their parameters, and the int64 row offsets of this
-    program."""
+                    ROW_MAJOR: tl.constexpr, BLOCK_D: tl.constexpr, A_LOG: tl.constexpr):
+    """Group, its direction, channels, their parameters (``A = -exp(A_log)`` when the kernel was
+    given ``A_log``), and the int64 row offsets of this program."""
     b, g, _, chan, d_mask = program_channels(groups, dim_per_group, n_dblocks, BLOCK_D)
     A = tl.load(A_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
+    if A_LOG:
+        A = -tl.exp(A)
     D, bias = skip_and_bias(chan, d_mask, D_ptr, bias_ptr, HAS_D, HAS_BIAS, BLOCK_D)
     # int64: batch * dim * L passes 2**31 on large detection batches.
     rows = (b * dim + chan).to(tl.int64)
@@ -243,13 +249,14 @@ def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
                         n_dblocks, bc_stride_b, bc_stride_g,
                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                         ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_T: tl.constexpr, STATE_T: tl.constexpr, PREFETCH: tl.constexpr):
+                        BLOCK_T: tl.constexpr, STATE_T: tl.constexpr, PREFETCH: tl.constexpr,
+                        A_LOG: tl.constexpr):
     # L is a multiple of VEC (the caller checked): saying so lets the compiler prove rows
     # 16-byte aligned, hence vectorised loads, without specialising on L itself.
     L = (L // VEC) * VEC
     g, direction, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
         dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr,
-        dir_code, HAS_D, HAS_BIAS, ROW_MAJOR, BLOCK_D)
+        dir_code, HAS_D, HAS_BIAS, ROW_MAJOR, BLOCK_D, A_LOG)
     row = rows * L
     state_row = rows * n_states
     lane = tl.arange(0, BLOCK_T)
@@ -336,11 +343,12 @@ def _scan_n1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
                         bc_stride_b, bc_stride_g,
                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                         ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, ATOMIC_BC: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr):
+                        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
+                        A_LOG: tl.constexpr):
     L = (L // VEC) * VEC
     g, direction, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
         dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr,
-        dir_code, HAS_D, HAS_BIAS, ROW_MAJOR, BLOCK_D)
+        dir_code, HAS_D, HAS_BIAS, ROW_MAJOR, BLOCK_D, A_LOG)
     row = rows * L
     lane = tl.arange(0, BLOCK_T)
     # dB / dC of this image and group, contiguous (batch, groups, 1, L) each.
@@ -408,7 +416,10 @@ def _scan_n1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
         dA_acc += adj_delta * decayed_prev
         dD_acc += dy * u
         dbias_acc += tl.where(mask, ddelta, 0.0)
-    tl.atomic_add(param_ptr + chan, tl.sum(dA_acc, axis=1), mask=d_mask, sem='relaxed')
+    dA = tl.sum(dA_acc, axis=1)
+    if A_LOG:
+        dA = dA * A  # d(-exp(A_log)) / dA_log = A
+    tl.atomic_add(param_ptr + chan, dA, mask=d_mask, sem='relaxed')
     if HAS_D:
         tl.atomic_add(param_ptr + dim + chan, tl.sum(dD_acc, axis=1), mask=d_mask, sem='relaxed')
     if HAS_BIAS:
