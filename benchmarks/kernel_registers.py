@@ -146,14 +146,14 @@ def layer_norm_reports(arch: str, batch: int, size: int):
     bf16 = ('r_ptr', 'out_ptr', 'tokens_ptr', 'gt_ptr')
     aligned = ('C', 'xs_m', 'rs_m', 'gs_m', 'is_m')
     all_grads = dict(HAS_GRAD_OUT=True, HAS_GRAD_TOKENS=True, HAS_GRAD_MEANS=True,
-                     HAS_GRAD_INPUT=True, RESIDUAL_GRAD=True)
+                     HAS_GRAD_INPUT=True, RESIDUAL_GRAD=True, SCALED=True)
     for name, (B, H, W, C) in token_maps(arch, batch, size):
         print(f'{name} tokens ({B}, {H * W}, {C}):')
         variants = [
             ('norm forward, residual sum', layer_norm._layer_norm_fwd_kernel, layer_norm._TILE,
-             dict(RESIDUAL=True, TOKENS=False, MEANS=False)),
+             dict(RESIDUAL=True, SCALED=True, TOKENS=False, MEANS=False)),
             ('norm forward, mixer input', layer_norm._layer_norm_fwd_kernel, layer_norm._TILE,
-             dict(RESIDUAL=False, TOKENS=True, MEANS=True)),
+             dict(RESIDUAL=False, SCALED=False, TOKENS=True, MEANS=True)),
             ('norm backward, every gradient', layer_norm._layer_norm_bwd_kernel,
              layer_norm._BWD_TILE, all_grads),
         ]

@@ -248,7 +248,7 @@ class GroupMambaBlock(nn.Module):
 
     Stochastic depth drops each branch per image with probability ``drop_path`` and scales the
     kept ones by ``1 / (1 - drop_path)``, as timm's ``DropPath``; both branches' masks come from
-    one draw and are applied in the residual sums (three kernels forward instead of six).
+    one draw and are applied in the residual sums (two kernels forward instead of six).
     """
 
     def __init__(self, embed_dims: int, mlp_ratio: float, drop_path: float = 0.,
@@ -262,12 +262,10 @@ class GroupMambaBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branch = self.mixer(x)
         scales = self._kept_branch_scales(branch)
-        if scales is not None:
-            branch = branch * scales[0, :, None, None, None]
-        # The residual sum and the FFN's norm in one pass; the FFN computes in the compute
-        # dtype, which the norm writes (not float32).
+        # The residual sum (the branch scaled per image) and the FFN's norm in one pass; the FFN
+        # computes in the compute dtype, which the norm writes (not float32).
         x, h = add_layer_norm(x, branch, self.norm.weight, self.norm.bias, self.norm.eps,
-                              compute_dtype(x))
+                              compute_dtype(x), branch_scale=None if scales is None else scales[0])
         if scales is None:
             return x + self.ffn(h)
         return torch.addcmul(x, self.ffn(h), scales[1, :, None, None, None])

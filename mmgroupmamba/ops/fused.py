@@ -75,30 +75,38 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype] = None, *,
+                   branch_scale: Optional[torch.Tensor] = None,
                    backend: Optional[str] = None):
     """``total = x + branch`` (a residual connection) and :func:`layer_norm` of it, in one pass
     on CUDA, whose backward also adds ``total``'s own gradient (autograd would add the two in
     another pass over the map, and cast the branch's copy in a third).
 
     Args:
-        x, branch: (..., C) tokens of one shape, any strides; ``total`` takes their promoted
+        x, branch: (B, ..., C) tokens of one shape, any strides; ``total`` takes their promoted
             dtype.
         weight, bias, eps, out_dtype, backend: as for :func:`layer_norm`.
+        branch_scale: optional (B,) factors of the branch per image (stochastic depth's kept
+            and dropped paths), applied in the same pass; not differentiated.
 
     Returns:
-        ``(total, out)``, both (..., C).
+        ``(total, out)``, both (B, ..., C).
     """
+    if branch_scale is not None and branch_scale.requires_grad:
+        raise ValueError('add_layer_norm does not differentiate branch_scale; detach it')
     out_dtype = out_dtype or _autocast_layer_norm_dtype(x)
     kernels = _kernels('layer_norm', 'add_layer_norm', x, backend)
     if kernels is None or torch.promote_types(x.dtype, branch.dtype) != x.dtype:
-        return add_layer_norm_ref(x, branch, weight, bias, eps, out_dtype)
-    out, total, _, _ = _token_norm(x, branch, weight, bias, eps, out_dtype, 1, None, False,
-                                   kernels)
+        return add_layer_norm_ref(x, branch, weight, bias, eps, out_dtype, branch_scale)
+    images = 1 if branch_scale is None else x.shape[0]
+    out, total, _, _ = _token_norm(x, branch, weight, bias, eps, out_dtype, images, None, False,
+                                   kernels, branch_scale)
     return total, out
 
 
-def add_layer_norm_ref(x, branch, weight, bias, eps, out_dtype):
+def add_layer_norm_ref(x, branch, weight, bias, eps, out_dtype, branch_scale=None):
     """:func:`add_layer_norm` in plain operators."""
+    if branch_scale is not None:
+        branch = branch * branch_scale.view(-1, *[1] * (branch.dim() - 1))
     total = x + branch
     return total, layer_norm_ref(total, weight, bias, eps, out_dtype)
 
@@ -156,24 +164,26 @@ def _autocast_layer_norm_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _token_norm(x, branch, weight, bias, eps, out_dtype, images, token_dtype, channel_mean,
-                kernels):
+                kernels, branch_scale=None):
     """The three token norms on the kernels of :mod:`.triton.layer_norm`: ``(out, total, tokens,
-    mean)`` for the norm's input ``x`` (+ ``branch``, unless None), (..., C) rows of ``images``
-    images, each output None where not asked for (``total`` without a branch, ``tokens``
-    without ``token_dtype``, ``mean`` without ``channel_mean``)."""
-    args = (x, branch, weight, bias, eps, out_dtype, images, token_dtype, channel_mean, kernels)
+    mean)`` for the norm's input ``x`` (+ ``branch``, unless None, times ``branch_scale``'s
+    factor per image, unless None), (..., C) rows of ``images`` images, each output None where
+    not asked for (``total`` without a branch, ``tokens`` without ``token_dtype``, ``mean``
+    without ``channel_mean``)."""
+    args = (x, branch, weight, bias, eps, out_dtype, images, token_dtype, channel_mean, kernels,
+            branch_scale)
     if torch.is_grad_enabled():
         return _TokenNorm.apply(*args)
     return _token_norm_forward(*args)[0]
 
 
 def _token_norm_forward(x, branch, weight, bias, eps, out_dtype, images, token_dtype,
-                        channel_mean, kernels):
+                        channel_mean, kernels, branch_scale=None):
     """-> (the outputs of :func:`_token_norm`, (norm input rows, mean, rstd) for backward)."""
     rows = _channel_rows(x)
     out, mean, rstd, tokens, channel_means, total = kernels.forward(
         rows, weight, bias, eps, out_dtype, images, token_dtype, channel_mean,
-        None if branch is None else _channel_rows(branch))
+        None if branch is None else _channel_rows(branch), branch_scale)
     outs = (out.view(x.shape), None if total is None else total.view(x.shape), tokens,
             channel_means)
     return outs, (rows if total is None else total, mean, rstd)
@@ -193,11 +203,11 @@ class _TokenNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, branch, weight, bias, eps, out_dtype, images, token_dtype, channel_mean,
-                kernels):
+                kernels, branch_scale):
         outs, (rows, mean, rstd) = _token_norm_forward(x, branch, weight, bias, eps, out_dtype,
                                                        images, token_dtype, channel_mean,
-                                                       kernels)
-        ctx.save_for_backward(rows, weight, mean, rstd)
+                                                       kernels, branch_scale)
+        ctx.save_for_backward(rows, weight, mean, rstd, branch_scale)
         ctx.kernels, ctx.shape, ctx.images, ctx.bias_dtype = kernels, x.shape, images, bias.dtype
         ctx.branch_dtype = None if branch is None else branch.dtype
         ctx.set_materialize_grads(False)
@@ -206,17 +216,17 @@ class _TokenNorm(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_total, grad_tokens, grad_mean):
-        rows, weight, mean, rstd = ctx.saved_tensors
+        rows, weight, mean, rstd, branch_scale = ctx.saved_tensors
         # The gradients of the outputs that were used (None for the others) enter one pass.
         grad_x, grad_weight, grad_bias, grad_branch = ctx.kernels.backward(
             None if grad_out is None else _channel_rows(grad_out), rows, weight, mean, rstd,
             ctx.images, None if grad_tokens is None else grad_tokens.contiguous(), grad_mean,
             grad_input=None if grad_total is None else _channel_rows(grad_total),
-            residual_dtype=ctx.branch_dtype)
+            residual_dtype=ctx.branch_dtype, residual_scale=branch_scale)
         if grad_branch is not None:
             grad_branch = grad_branch.view(ctx.shape)
         return (grad_x.view(ctx.shape), grad_branch, grad_weight.to(weight.dtype),
-                grad_bias.to(ctx.bias_dtype), None, None, None, None, None, None)
+                grad_bias.to(ctx.bias_dtype), None, None, None, None, None, None, None)
 
 
 def group_norm_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

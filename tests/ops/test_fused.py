@@ -433,32 +433,39 @@ def test_mixer_norm_triton_matches_torch_on_gpu(case):
     check_mixer_norm(got, ref)
 
 
-def run_add_layer_norm(fn, x, branch, weight, bias, grads, out_dtype, double=False):
+def run_add_layer_norm(fn, x, branch, weight, bias, grads, out_dtype, double=False,
+                       branch_scale=None):
     """Outputs (total, out) of ``fn`` and the gradients of x, branch, weight and bias for the
     output gradients ``grads`` (None: that output unused)."""
     cast = (lambda t: t.double()) if double else (lambda t: t)
     inputs = [cast(t).detach().requires_grad_() for t in (x, branch, weight, bias)]
-    outs = fn(*inputs, 1e-5, torch.double if double else out_dtype)
+    scale = {} if branch_scale is None else dict(branch_scale=cast(branch_scale))
+    outs = fn(*inputs, 1e-5, torch.double if double else out_dtype, **scale)
     used = [(o, g) for o, g in zip(outs, grads) if g is not None]
     needed = inputs if grads[1] is not None else inputs[:2]  # the norm's weights need its grad
     return list(outs), list(torch.autograd.grad([o for o, _ in used], needed,
                                                 [cast(g).to(o.dtype) for o, g in used]))
 
 
-def check_add_layer_norm(shape, C, dtype, out_dtype, device):
+def check_add_layer_norm(shape, C, dtype, out_dtype, device, scaled=False):
     """The Triton path of add_layer_norm against the float64 operators: both outputs, and the
-    gradients from both outputs' gradients, then from each alone."""
+    gradients from both outputs' gradients, then from each alone; ``scaled``: the branch
+    dropped or scaled per image (stochastic depth)."""
     from mmgroupmamba.ops import fused
     x = torch.randn(*shape, C, device=device).to(dtype)
     branch = torch.randn(*shape, C, device=device).bfloat16()
     weight, bias = torch.randn(C, device=device), torch.randn(C, device=device)
     grads = [torch.randn(*shape, C, device=device), torch.randn(*shape, C, device=device)]
+    scale = None
+    if scaled:
+        scale = torch.tensor([0., 1.25, 2., .5] * shape[0], device=device)[:shape[0]]
+        scale = scale.to(torch.bfloat16)
     for used in [(0, 1), (0, ), (1, )]:
         part = [g if i in used else None for i, g in enumerate(grads)]
-        got = run_add_layer_norm(lambda *a: fused.add_layer_norm(*a, backend='triton'), x,
-                                 branch, weight, bias, part, out_dtype)
+        got = run_add_layer_norm(lambda *a, **k: fused.add_layer_norm(*a, **k, backend='triton'),
+                                 x, branch, weight, bias, part, out_dtype, branch_scale=scale)
         ref = run_add_layer_norm(fused.add_layer_norm_ref, x, branch, weight, bias, part,
-                                 out_dtype, double=True)
+                                 out_dtype, double=True, branch_scale=scale)
         assert [t.dtype for t in got[0]] == [dtype, out_dtype]
         assert got[1][1].dtype == torch.bfloat16  # the branch's gradient in its dtype
         tol = 1e-5 if torch.bfloat16 not in (dtype, out_dtype) else 2e-2
@@ -481,6 +488,9 @@ ADD_LAYER_NORM_INTERPRETER_CHECK = textwrap.dedent('''
                                        ((1, 70, 8), 87, torch.float32, torch.float32),
                                        ((2, 4, 6), 16, torch.bfloat16, torch.bfloat16)]:
         check_add_layer_norm(shape, C, dtype, out_dtype, 'cpu')
+    # Stochastic depth: the branch dropped or scaled per image, several row blocks per image.
+    check_add_layer_norm((3, 20, 9), 16, torch.float32, torch.bfloat16, 'cpu', scaled=True)
+    check_add_layer_norm((4, 3, 5), 6, torch.float32, torch.float32, 'cpu', scaled=True)
     print('ok')
 ''')
 
@@ -496,10 +506,11 @@ def test_add_layer_norm_kernels_in_interpreter():
 @pytest.mark.parametrize('case', [((128, 56, 56), 64, torch.float32, torch.bfloat16),
                                   ((2, 25, 38), 448, torch.float32, torch.bfloat16),
                                   ((1, 70, 8), 87, torch.float32, torch.float32),
-                                  ((2, 4, 6), 16, torch.bfloat16, torch.bfloat16)])
+                                  ((2, 4, 6), 16, torch.bfloat16, torch.bfloat16),
+                                  ((128, 28, 28), 128, torch.float32, torch.bfloat16, True)])
 def test_add_layer_norm_triton_matches_torch_on_gpu(case):
     torch.manual_seed(0)
-    check_add_layer_norm(*case, 'cuda')
+    check_add_layer_norm(*case[:4], 'cuda', *case[4:])
 
 
 def test_add_layer_norm_reference():

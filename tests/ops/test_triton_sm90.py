@@ -20,7 +20,7 @@ _ACTIVATION_POINTERS = {
     'out_ptr', 'go_ptr', 'gy_ptr', 'gz_ptr', 'm_ptr', 'gm_ptr', 'src_ptr', 'dst_ptr', 'g_ptr',
     'r_ptr', 'tokens_ptr', 'gt_ptr'}
 _LN_GRADS = dict(HAS_GRAD_OUT=True, HAS_GRAD_TOKENS=True, HAS_GRAD_MEANS=True,
-                 HAS_GRAD_INPUT=True, RESIDUAL_GRAD=True)
+                 HAS_GRAD_INPUT=True, RESIDUAL_GRAD=True, SCALED=True)
 _COMMON = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, ROW_MAJOR=False, VEC=4)
 # (kernel, compile-time parameters, warps): each as the ops launch it for GroupMamba's shapes.
 KERNELS = [
@@ -42,10 +42,10 @@ KERNELS = [
     (modulate_norm._modulate_norm_bwd_kernel, dict(HAS_AFFINITY=False, BLOCK_T=4,
                                                    BLOCK_C=512), 4),
     # The residual sum before the FFN's norm at stage 1; the mixer's input norm at stage 4.
-    (layer_norm._layer_norm_fwd_kernel, dict(RESIDUAL=True, TOKENS=False, MEANS=False,
-                                             BLOCK_L=64, BLOCK_C=64), 4),
-    (layer_norm._layer_norm_fwd_kernel, dict(RESIDUAL=False, TOKENS=True, MEANS=True,
-                                             BLOCK_L=16, BLOCK_C=512), 8),
+    (layer_norm._layer_norm_fwd_kernel, dict(RESIDUAL=True, SCALED=True, TOKENS=False,
+                                             MEANS=False, BLOCK_L=64, BLOCK_C=64), 4),
+    (layer_norm._layer_norm_fwd_kernel, dict(RESIDUAL=False, SCALED=False, TOKENS=True,
+                                             MEANS=True, BLOCK_L=16, BLOCK_C=512), 8),
     (layer_norm._layer_norm_bwd_kernel, dict(_LN_GRADS, BLOCK_L=32, BLOCK_C=64), 4),
     (layer_norm._layer_norm_bwd_kernel, dict(_LN_GRADS, BLOCK_L=16, BLOCK_C=512), 8),
     # CAM at GroupMamba-T's stage 3 (R = 21) and GroupMamba-B's stage 4 (R = 64).

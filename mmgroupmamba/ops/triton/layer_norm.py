@@ -32,14 +32,15 @@ _MIN_ROWS = 16
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
             out_dtype: torch.dtype, images: int = 1, token_dtype: Optional[torch.dtype] = None,
-            channel_means: bool = False, residual: Optional[torch.Tensor] = None):
+            channel_means: bool = False, residual: Optional[torch.Tensor] = None,
+            residual_scale: Optional[torch.Tensor] = None):
     """x ``(images * L, C)`` with contiguous channels, weight and bias ``(C,)`` -> ``(out
     (images * L, C) contiguous in out_dtype, mean, rstd, tokens, means, total)``: the statistics
     float32 ``(images * L,)``; with ``token_dtype``, ``tokens`` the output again as ``(images, C,
     L)`` in that dtype (else None); with ``channel_means``, ``means`` the output's means over
     each image's rows, float32 ``(images, C)`` (else None). With ``residual`` (like x, contiguous
     channels), the norm's input is ``total = x + residual`` (in x's dtype, contiguous; else
-    None)."""
+    None), the residual times ``residual_scale[image]`` where given (``(images,)``)."""
     M, C = x.shape
     L = M // images
     out = torch.empty((M, C), dtype=out_dtype, device=x.device)
@@ -53,10 +54,11 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
                if channel_means else None)
     total = None if residual is None else torch.empty((M, C), dtype=x.dtype, device=x.device)
     _layer_norm_fwd_kernel[(images, l_blocks)](
-        x, _or(residual, x), _or(total, x), weight.contiguous(), bias.contiguous(), out, mean,
-        rstd, _or(tokens, out), _or(partial, mean), L, C, x.stride(0),
-        x.stride(0) if residual is None else residual.stride(0), eps,
-        RESIDUAL=residual is not None, TOKENS=tokens is not None, MEANS=channel_means,
+        x, _or(residual, x), _or(residual_scale, mean), _or(total, x), weight.contiguous(),
+        bias.contiguous(), out, mean, rstd, _or(tokens, out), _or(partial, mean), L, C,
+        x.stride(0), x.stride(0) if residual is None else residual.stride(0), eps,
+        RESIDUAL=residual is not None, SCALED=residual_scale is not None,
+        TOKENS=tokens is not None, MEANS=channel_means,
         BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
     means = partial.sum(dim=1) if channel_means else None
     return out, mean, rstd, tokens, means, total
@@ -67,7 +69,8 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
              grad_tokens: Optional[torch.Tensor] = None,
              grad_means: Optional[torch.Tensor] = None,
              grad_input: Optional[torch.Tensor] = None,
-             residual_dtype: Optional[torch.dtype] = None):
+             residual_dtype: Optional[torch.dtype] = None,
+             residual_scale: Optional[torch.Tensor] = None):
     """The gradient at the output is the sum of those given: ``grad_out`` ``(images * L, C)``
     with contiguous channels, ``grad_tokens`` (the channel-major copy's, ``(images, C, L)``
     contiguous) and ``grad_means`` (the channel means', ``(images, C)``); ``x`` is the norm's
@@ -75,7 +78,7 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
     (C,), grad_residual)``, the weight and bias gradients float32. ``grad_input`` (like x,
     contiguous channels) is a gradient that reaches the norm's input from elsewhere (the
     residual stream's), added to grad_x; with ``residual_dtype``, ``grad_residual`` is grad_x
-    again in that dtype (else None)."""
+    again in that dtype (else None), times ``residual_scale[image]`` where given."""
     M, C = x.shape
     L = M // images
     grad_x = torch.empty((M, C), dtype=x.dtype, device=x.device)
@@ -87,12 +90,14 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
     partial = torch.empty((2, programs, C), dtype=torch.float32, device=x.device)
     _layer_norm_bwd_kernel[(programs, )](
         _or(grad_out, x), _or(grad_tokens, x), _or(grad_means, x), _or(grad_input, x), x,
-        weight.contiguous(), mean, rstd, grad_x, _or(grad_residual, grad_x), partial, L, C,
+        weight.contiguous(), mean, rstd, grad_x, _or(grad_residual, grad_x),
+        _or(residual_scale, mean), partial, L, C,
         images * l_blocks, l_blocks, x.stride(0) if grad_out is None else grad_out.stride(0),
         x.stride(0) if grad_input is None else grad_input.stride(0), x.stride(0),
         HAS_GRAD_OUT=grad_out is not None, HAS_GRAD_TOKENS=grad_tokens is not None,
         HAS_GRAD_MEANS=grad_means is not None, HAS_GRAD_INPUT=grad_input is not None,
-        RESIDUAL_GRAD=grad_residual is not None, BLOCK_L=block_l, BLOCK_C=block_c,
+        RESIDUAL_GRAD=grad_residual is not None, SCALED=residual_scale is not None,
+        BLOCK_L=block_l, BLOCK_C=block_c,
         num_warps=warps)
     sums = partial.sum(dim=1)
     return grad_x, sums[0], sums[1], grad_residual
@@ -119,10 +124,10 @@ def _or(tensor: Optional[torch.Tensor], stand_in: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit(do_not_specialize=['L'])
-def _layer_norm_fwd_kernel(x_ptr, r_ptr, total_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr,
-                           tokens_ptr, means_ptr, L, C, xs_m, rs_m, eps, RESIDUAL: tl.constexpr,
-                           TOKENS: tl.constexpr, MEANS: tl.constexpr, BLOCK_L: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+def _layer_norm_fwd_kernel(x_ptr, r_ptr, s_ptr, total_ptr, w_ptr, b_ptr, out_ptr, mean_ptr,
+                           rstd_ptr, tokens_ptr, means_ptr, L, C, xs_m, rs_m, eps,
+                           RESIDUAL: tl.constexpr, SCALED: tl.constexpr, TOKENS: tl.constexpr,
+                           MEANS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     rows = b * L + offs_l
@@ -133,8 +138,11 @@ def _layer_norm_fwd_kernel(x_ptr, r_ptr, total_ptr, w_ptr, b_ptr, out_ptr, mean_
     x = tl.load(x_ptr + rows[:, None] * xs_m + cols[None, :], mask=mask, other=0.)
     if RESIDUAL:
         # The residual stream's sum rounded to its dtype (as PyTorch adds it), then normalised.
-        r = tl.load(r_ptr + rows[:, None] * rs_m + cols[None, :], mask=mask, other=0.)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(total_ptr.dtype.element_ty)
+        r = tl.load(r_ptr + rows[:, None] * rs_m + cols[None, :], mask=mask,
+                    other=0.).to(tl.float32)
+        if SCALED:  # the image's factor (stochastic depth)
+            r = r * tl.load(s_ptr + b).to(tl.float32)
+        x = (x.to(tl.float32) + r).to(total_ptr.dtype.element_ty)
         tl.store(total_ptr + rows[:, None] * C + cols[None, :], x, mask=mask)
     x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / C
@@ -159,11 +167,11 @@ def _layer_norm_fwd_kernel(x_ptr, r_ptr, total_ptr, w_ptr, b_ptr, out_ptr, mean_
 
 @triton.jit(do_not_specialize=['L', 'blocks', 'l_blocks'])
 def _layer_norm_bwd_kernel(go_ptr, gt_ptr, gm_ptr, gi_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr,
-                           gx_ptr, gr_ptr, partial_ptr, L, C, blocks, l_blocks, gos_m, gis_m, xs_m,
-                           HAS_GRAD_OUT: tl.constexpr, HAS_GRAD_TOKENS: tl.constexpr,
+                           gx_ptr, gr_ptr, s_ptr, partial_ptr, L, C, blocks, l_blocks, gos_m, gis_m,
+                           xs_m, HAS_GRAD_OUT: tl.constexpr, HAS_GRAD_TOKENS: tl.constexpr,
                            HAS_GRAD_MEANS: tl.constexpr, HAS_GRAD_INPUT: tl.constexpr,
-                           RESIDUAL_GRAD: tl.constexpr, BLOCK_L: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+                           RESIDUAL_GRAD: tl.constexpr, SCALED: tl.constexpr,
+                           BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program p takes blocks p, p + P, p + 2P, ... (P programs; block = image * l_blocks + row
     # block) and accumulates the weight and bias gradients of its rows, stored to partial[0, p]
     # and partial[1, p].
@@ -205,8 +213,11 @@ def _layer_norm_bwd_kernel(go_ptr, gt_ptr, gm_ptr, gi_ptr, x_ptr, w_ptr, mean_pt
         tl.store(gx_ptr + rows[:, None] * C + cols[None, :],
                  grad_x.to(gx_ptr.dtype.element_ty), mask=mask)
         if RESIDUAL_GRAD:
+            grad_r = grad_x
+            if SCALED:
+                grad_r = grad_r * tl.load(s_ptr + block // l_blocks).to(tl.float32)
             tl.store(gr_ptr + rows[:, None] * C + cols[None, :],
-                     grad_x.to(gr_ptr.dtype.element_ty), mask=mask)
+                     grad_r.to(gr_ptr.dtype.element_ty), mask=mask)
         grad_w += tl.sum(go * x_hat, axis=0)
         grad_b += tl.sum(go, axis=0)
     tl.store(partial_ptr + program * C + cols, grad_w, mask=c_mask)
