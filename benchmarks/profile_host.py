@@ -23,6 +23,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 from mmgroupmamba.models import GroupMambaClassifier
+from mmgroupmamba.models.groupmamba import FFN, GroupedSS2D
 from mmgroupmamba.ops import SCAN_DIRECTIONS, depthwise_conv2d, selective_scan
 from mmgroupmamba.ops.fused import layer_norm
 
@@ -58,7 +59,8 @@ def host_cost(fn: Callable[[], object], device: torch.device, calls: int) -> Tup
 
 
 def single_calls(device: torch.device) -> Dict[str, Callable[[], object]]:
-    """Small calls, each launching one to three kernels, by name."""
+    """Small calls by name: single operators and ops (one to three kernels each), and a block's
+    mixer and FFN forward and backward (a few dozen each)."""
     bf16 = dict(device=device, dtype=torch.bfloat16)
     a = torch.randn(64, 64, **bf16)
     weights, tokens = torch.randn(8, 16, 16, **bf16), torch.randn(8, 16, 64, **bf16)
@@ -81,7 +83,13 @@ def single_calls(device: torch.device) -> Dict[str, Callable[[], object]]:
         from mmgroupmamba.ops.triton import depthwise_conv as triton_depthwise_conv
         calls['Triton stencil launch (ops.triton module)'] = (
             lambda: triton_depthwise_conv.forward(maps, conv_weight, conv_bias, 'silu'))
+    mixer, ffn = GroupedSS2D(64).to(device), FFN(64, 256).to(device)
+    mixer_tokens = torch.randn(2, 64, 64, device=device, requires_grad=True)
+    rows_grad = rows.clone().requires_grad_()
     calls.update({
+        'mixer (ops.mixer), forward and backward': (
+            lambda: mixer.forward_tokens(mixer_tokens, (8, 8)).sum().backward()),
+        'FFN (ops.fused.ffn), forward and backward': lambda: ffn(rows_grad).sum().backward(),
         'depthwise_conv2d + SiLU, no grad': (
             lambda: depthwise_conv2d(maps, conv_weight, conv_bias, activation='silu')),
         'depthwise_conv2d + SiLU, forward and backward': (
