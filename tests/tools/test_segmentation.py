@@ -217,7 +217,10 @@ def test_tta_runs_multi_scale_flip_of_the_inherited_pipeline(trained):
     rc, log = _run(sys.executable, 'tools/test.py', trained['config'], trained['checkpoint'],
                    '--work-dir', work_dir, '--tta')
     assert rc == 0, log[-4000:]
-    assert _metrics(log) != trained['metrics']
+    # A valid evaluation; not necessarily other metrics than without TTA: a 4-iteration model
+    # (trained without a fixed seed) may predict one class everywhere, at every scale and flip.
+    aacc, miou, macc = _metrics(log)
+    assert 0 < miou <= macc <= 100 and 0 < aacc <= 100
     cfg = Config.fromfile(osp.join(work_dir, 'tiny.py'))
     assert cfg.model.type == 'SegTTAModel' and cfg.model.module.type == 'EncoderDecoder'
     resizes, flips = cfg.test_dataloader.dataset.pipeline[1].transforms[:2]
