@@ -24,7 +24,7 @@ import torch
 
 from ._backends import triton_module, triton_unavailable
 from ._tracing import traced
-from .depthwise_conv import depthwise_conv2d
+from .depthwise_conv import _like, depthwise_conv2d
 from .fused import group_norm_gate, per_image
 from .selective_scan import SCAN_DIRECTIONS, selective_scan
 
@@ -93,21 +93,6 @@ def _kernels_run_on(device: torch.device) -> bool:
                for module in ('depthwise_conv', 'scan', 'norm_gate'))
 
 
-def _repeat(weight: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
-    """``weight`` repeated over ``batch`` images in ``dtype``: one kernel (the copy is the
-    cast)."""
-    return weight.expand(batch, *weight.shape).to(dtype).contiguous()
-
-
-def _like(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``grad`` in the weight's dtype and strides (DistributedDataParallel's buckets take other
-    strides for a layout mismatch)."""
-    grad = grad.view(weight.shape)
-    if grad.dtype == weight.dtype and grad.stride() == weight.stride():
-        return grad
-    return torch.empty_like(weight).copy_(grad)
-
-
 def _mT(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2)
 
@@ -121,10 +106,11 @@ def _forward(tokens, in_proj_weight, conv_weight, conv_bias, x_proj_weight, dt_p
     G, d, R = dt_proj_weight.shape
     dtype = tokens.dtype
     x = tokens.view(B, G, d, L)
-    w_in = _repeat(in_proj_weight, B, dtype)
-    w_x = _repeat(x_proj_weight, B, dtype)
-    w_dt = _repeat(dt_proj_weight, B, dtype)
-    w_out = _repeat(out_proj_weight, B, dtype)
+    # Grad is off here (in the Function's forward, or no-grad inference): plain repeats.
+    w_in = per_image(in_proj_weight, B, dtype)
+    w_x = per_image(x_proj_weight, B, dtype)
+    w_dt = per_image(dt_proj_weight, B, dtype)
+    w_out = per_image(out_proj_weight, B, dtype)
     w_u, w_z = w_in.split(d, dim=2)
     pre, z = torch.matmul(w_u, x), torch.matmul(w_z, x)
     u = conv.forward(pre.view(B, C, H, W), conv_weight, conv_bias, 'silu').view(B, G, d, L)
