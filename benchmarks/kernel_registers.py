@@ -113,8 +113,6 @@ def stencil_reports(arch: str, batch: int, size: int, warps: Optional[int]):
         x = torch.empty(shape, device='meta', dtype=torch.bfloat16)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        cfg = depthwise_conv.plan(x)
-        cfg = cfg if warps is None else cfg._replace(warps=warps)
         code = depthwise_conv.ACTIVATIONS[activation]
         # The three passes of training, as the ops launch them (the FFN's activation-gradient
         # pass also writes the activation; its input-gradient pass sums fc1's bias gradient).
@@ -122,8 +120,10 @@ def stencil_reports(arch: str, batch: int, size: int, warps: Optional[int]):
                   ('activation grad', False, code, True, channels_last, False),
                   ('input grad', True, 0, False, False, channels_last)]
         print(f'{name} {tuple(shape)} {"NHWC" if channels_last else "NCHW"}:')
-        geometry = f'{cfg.rows} x {cfg.block_w}w x {cfg.block_c}c, {cfg.warps}w'
         for pass_name, mirrored, act, grad, store, sums in passes:
+            cfg = depthwise_conv.plan(x, mirrored)
+            cfg = cfg if warps is None else cfg._replace(warps=warps)
+            geometry = f'{cfg.rows} x {cfg.block_w}w x {cfg.block_c}c, {cfg.warps}w'
             report = compile_report(
                 depthwise_conv._dwconv_stencil_kernel,
                 dict(ones, MIRRORED=mirrored, HAS_BIAS=not mirrored, ACTIVATION=act,

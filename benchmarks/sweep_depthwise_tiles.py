@@ -11,7 +11,7 @@ them: ``forward`` (convolution and activation), ``activation_grad`` (the convolu
 for the activation's slope; the FFN's also writes the activation, as its backward asks) and
 ``dgrad`` (the input gradient, the kernel's taps turned; the weight-gradient kernel that
 ``backward`` also runs does not depend on the tile). Prints the fastest tiles per map and pass
-next to the one ``plan`` picks, with the bandwidth of one read and one write of the map.
+next to the one ``plan`` picks for that pass, with the bandwidth of one read and one write of the map.
 """
 import torch
 import triton
@@ -64,11 +64,11 @@ def main():
         bias = torch.randn(shape[1], device='cuda')
         grad = torch.randn_like(x)
         nbytes = 2 * x.numel() * x.element_size()
-        planned = stencil.plan(x)
         tiles = candidate_stencil_tiles(shape, channels_last, args.rows, args.warps)
         runs = _runs(x, weight, bias, grad, activation, channels_last)
         layout = 'NHWC' if channels_last else 'NCHW'
         for pass_name in args.passes:
+            planned = stencil.plan(x, mirrored=pass_name == 'dgrad')
             # dict.fromkeys: the planned tile first, each tile once.
             times = {cfg: graph_ms(lambda: runs[pass_name](cfg), args.rep)
                      for cfg in dict.fromkeys([planned, *tiles])}

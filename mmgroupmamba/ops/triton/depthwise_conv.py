@@ -25,9 +25,15 @@ import triton.language as tl
 
 from .common import compiled_binaries, cdiv, next_power_of_2
 
-# Elements per program tile (the weight gradient keeps ten float32 tiles of partial sums), and
-# rows per weight-gradient program.
-_TILE = 2048
+# Elements per stencil program tile, by layout and pass, and of the weight gradient's tiles (it
+# keeps ten float32 tiles of partial sums), with its rows per program. Swept on an H200 over
+# GroupMamba-T's stage-1 maps at batch 128 (benchmarks/sweep_depthwise_tiles.py, 2026-12-07):
+# registers, hence warps per SM, bound the stencil, and tiles of 256 (NCHW) or 512 elements
+# (channels-last, forward and activation gradient) ran 1.3-1.75x faster than the 2048-element
+# tiles before them; the channels-last input gradient ran as fast at 2048 (1.00-1.02x).
+_TILE_NCHW = 256
+_TILE_NHWC = 512
+_TILE_NHWC_DGRAD = 2048
 _WGRAD_TILE = 512
 _WGRAD_ROWS = 8
 # Output rows per stencil program: the first of these that leaves _MIN_PROGRAMS programs, else
@@ -52,18 +58,25 @@ class StencilConfig(NamedTuple):
     warps: int
 
 
-def plan(x: torch.Tensor) -> StencilConfig:
-    """The stencil's launch geometry for maps shaped and laid out like ``x`` (``(B, C, H, W)``):
-    the contiguous axis of up to 64 elements by the rest of a 2048-element tile, and the rows
-    per program of ``_STENCIL_ROWS`` (the first that leaves ``_MIN_PROGRAMS`` programs)."""
-    return _plan(x.shape, x.stride(1) == 1)
+def plan(x: torch.Tensor, mirrored: bool = False) -> StencilConfig:
+    """The stencil's launch geometry for maps shaped and laid out like ``x`` (``(B, C, H, W)``),
+    ``mirrored`` for the input-gradient pass: a tile of :data:`_TILE_NCHW` elements, or in a
+    channels-last map of :data:`_TILE_NHWC` (:data:`_TILE_NHWC_DGRAD` mirrored), the contiguous
+    axis getting up to 64 elements (128 of channels-last channels), and the rows per program of
+    ``_STENCIL_ROWS`` (the first that leaves ``_MIN_PROGRAMS`` programs)."""
+    return _plan(x.shape, x.stride(1) == 1, mirrored)
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(shape: torch.Size, channels_last: bool) -> StencilConfig:
+def _plan(shape: torch.Size, channels_last: bool, mirrored: bool) -> StencilConfig:
     # Cached: the host time of a call is what eager training waits for (sizes repeat).
     B, C, H, W = shape
-    block_w, block_c = _blocks(shape, channels_last)
+    if not channels_last or C == 1:
+        block_w, block_c = _blocks(shape, False, _TILE_NCHW)
+    elif mirrored:
+        block_w, block_c = _blocks(shape, True, _TILE_NHWC_DGRAD)
+    else:
+        block_w, block_c = _blocks(shape, True, _TILE_NHWC, channels=128)
     tiles = cdiv(W, block_w) * cdiv(C, block_c)
     return StencilConfig(block_w, block_c, _stencil_rows(B * tiles, H), 4)
 
@@ -124,15 +137,16 @@ def compiled_kernel_count() -> int:
     return compiled_binaries(_dwconv_stencil_kernel, _dwconv_wgrad_kernel)
 
 
-def _blocks(shape: torch.Size, channels_last: bool, tile: int = _TILE) -> Tuple[int, int]:
-    """(BLOCK_W, BLOCK_C) of ``tile`` elements for (B, C, H, W) maps: the contiguous axis (the
-    channels where ``channels_last``) gets up to 64, the other the rest."""
+def _blocks(shape: torch.Size, channels_last: bool, tile: int,
+            channels: int = 64) -> Tuple[int, int]:
+    """(BLOCK_W, BLOCK_C) of ``tile`` elements for (B, C, H, W) maps: the contiguous axis gets up
+    to 64 elements (``channels`` where ``channels_last``: the channels), the other the rest."""
     _, C, _, W = shape
     if channels_last and C > 1:
-        block_c = min(64, next_power_of_2(C))
+        block_c = min(channels, next_power_of_2(C))
         return min(next_power_of_2(W), tile // block_c), block_c
     block_w = min(64, next_power_of_2(W))
-    return block_w, min(next_power_of_2(C), tile // block_w)
+    return block_w, min(next_power_of_2(C), max(1, tile // block_w))
 
 
 def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y=None,
@@ -140,7 +154,7 @@ def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y
     """Launches the stencil kernel; with ``column_sums`` returns dst's sums per channel (float32
     ``(C,)``, of the values before rounding to dst's dtype), else None."""
     B, C, H, W = src.shape
-    block_w, block_c, rows, warps = plan(dst) if cfg is None else cfg
+    block_w, block_c, rows, warps = plan(dst, mirrored) if cfg is None else cfg
     # The kernel indexes the taps and bias densely (parameters are; a view might not be).
     has_bias = bias is not None
     weight = weight.contiguous()
