@@ -3,6 +3,7 @@ r"""Throughput and memory of GroupMamba classifiers next to timm's Swin-T and Co
     python benchmarks/benchmark_classifier.py   # every model eager, then compiled; batch 128
     python benchmarks/benchmark_classifier.py --modes eager reduce-overhead --models gm_t swin_t
     python benchmarks/benchmark_classifier.py --modes eager --models gm_t --teacher regnety_160
+    python benchmarks/benchmark_classifier.py --modes eager --models gm_s swin_s gm_b swin_b
 
 Training = forward, loss, backward and AdamW step under bf16 autocast; inference = eval-mode
 forward in bf16 (autocast) and in fp32. Random inputs; median of timed windows after warm-up.
@@ -28,7 +29,11 @@ from mmgroupmamba.models.compiling import COMPILE_MODES
 from common.speed import measure_inference, measure_training
 
 GROUPMAMBA = {'gm_t': 'tiny', 'gm_s': 'small', 'gm_b': 'base'}
-PEERS = {'swin_t': 'swin_tiny_patch4_window7_224', 'convnext_t': 'convnext_tiny'}
+PEERS = {'swin_t': 'swin_tiny_patch4_window7_224', 'convnext_t': 'convnext_tiny',
+         'swin_s': 'swin_small_patch4_window7_224', 'swin_b': 'swin_base_patch4_window7_224'}
+# The models a plain run measures (Swin-S and Swin-B, the peers of GroupMamba-S and -B, on
+# request).
+DEFAULT_MODELS = ['gm_t', 'gm_s', 'gm_b', 'swin_t', 'convnext_t']
 
 
 def build_model(name: str, compile_mode, device: str,
@@ -49,7 +54,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     models = [*GROUPMAMBA, *PEERS]
-    parser.add_argument('--models', nargs='+', default=models, choices=models)
+    parser.add_argument('--models', nargs='+', default=DEFAULT_MODELS, choices=models)
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--image-size', type=int, default=224)
     parser.add_argument('--steps', type=int, default=10, help='timed steps per window')
@@ -117,14 +122,15 @@ def main():
 
 
 def ratio_lines(rows, columns):
-    """'gm_t / swin_t (eager): train_img_s 0.36x, ...' for each GroupMamba and peer measured in
-    the same mode (rows as ``main`` builds them)."""
+    """'gm_t / swin_t (eager): train_img_s 0.36x, ...' for each GroupMamba and peer of its size
+    (the last letter of the names: GroupMamba-T against Swin-T and ConvNeXt-T, -S against Swin-S,
+    -B against Swin-B) measured in the same mode (rows as ``main`` builds them)."""
     by_key = {(row['name'], row['mode']): row for row in rows if 'name' in row}
     lines = []
     for (name, mode), row in by_key.items():
         for peer in PEERS:
             other = by_key.get((peer, mode))
-            if name not in GROUPMAMBA or other is None:
+            if name not in GROUPMAMBA or other is None or peer[-1] != name[-1]:
                 continue
             ratios = [f'{c} {row[c] / other[c]:.2f}x' for c in columns
                       if row.get(c) and other.get(c)]

@@ -42,10 +42,14 @@ def test_ratios_compare_within_a_mode():
             dict(name='swin_t', mode='eager', train_img_s=1400., train_peak_gib=7.),
             dict(name='gm_t', mode='default', train_img_s=1500.),
             dict(name='swin_t', mode='default', train_img_s=3000.),
-            dict(name='convnext_t', mode='default', train_img_s=None)]
+            dict(name='convnext_t', mode='default', train_img_s=None),
+            dict(name='gm_s', mode='eager', train_img_s=600.),
+            dict(name='swin_s', mode='eager', train_img_s=800.)]
     lines = benchmark_classifier.ratio_lines(rows, ['train_img_s', 'train_peak_gib'])
+    # Each GroupMamba against the peers of its size only.
     assert lines == ['gm_t / swin_t (eager): train_img_s 0.50x, train_peak_gib 2.00x',
-                     'gm_t / swin_t (default): train_img_s 0.50x']
+                     'gm_t / swin_t (default): train_img_s 0.50x',
+                     'gm_s / swin_s (eager): train_img_s 0.75x']
 
 
 def test_every_model_gets_the_same_stochastic_depth():
