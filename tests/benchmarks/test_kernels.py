@@ -7,6 +7,8 @@ import torch
 from common.kernels import (SCAN_SHAPES, candidate_stencil_tiles, candidate_tiles,
                             chunk_lengths, depthwise_maps, parse_scan_shape,
                             scan_benchmark_parser, scan_inputs, scan_io_bytes, token_maps)
+import sweep_norm_tiles
+from conftest import run_in_triton_interpreter
 from mmgroupmamba.ops import torch_scan
 
 
@@ -75,3 +77,34 @@ def test_stencil_candidates():
     tiles = candidate_stencil_tiles((128, 448, 7, 7), False, rows=(1, 8, 16), warps=(2, ))
     assert {t.block_w for t in tiles} == {16} and {t.rows for t in tiles} == {1, 8}
     assert all(t.block_c <= 128 for t in tiles)  # 448 channels -> at most the 128 tried
+
+
+def test_norm_tile_candidates_hold_all_channels_and_a_thread_per_element():
+    tiles = sweep_norm_tiles.candidate_tiles(348, 49, rows=[1, 2, 64, 128], warps=[1, 8, 32])
+    assert {c for c, _, _ in tiles} == {512}
+    assert (512, 64, 8) in tiles and (512, 1, 8) in tiles and (512, 1, 32) not in tiles
+    assert all(rows <= 64 for _, rows, _ in tiles)  # L = 49 rows: up to 64
+
+
+NORM_SWEEP_CHECK = '''
+import sys
+import torch
+sys.path.insert(0, 'benchmarks')
+from sweep_norm_tiles import VARIANTS, candidate_tiles, runs
+from mmgroupmamba.ops.triton import layer_norm
+B, L, C = 2, 6, 24
+calls = runs(B, L, C, device='cpu')
+assert tuple(calls) == VARIANTS
+for variant, (run, nbytes) in calls.items():
+    planned = layer_norm.plan(C, L, backward=variant == 'backward')
+    other = candidate_tiles(C, L, [2], [1])[0]
+    assert other != planned and nbytes > 0
+    for a, b in zip(run(planned), run(other)):
+        assert (a is None) == (b is None)
+        assert a is None or torch.allclose(a.float(), b.float(), atol=1e-2), variant
+print('ok')
+'''
+
+
+def test_norm_sweep_runs_every_variant_in_the_interpreter():
+    run_in_triton_interpreter(NORM_SWEEP_CHECK)

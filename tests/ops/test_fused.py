@@ -310,6 +310,21 @@ LAYER_NORM_INTERPRETER_CHECK = textwrap.dedent('''
                          grad_out[:, 1:5, 2:], torch.float32, double=True)
     for a, b in zip(got, ref):
         assert ((a.double() - b).norm() / b.norm()) < 1e-5
+    # A tile given instead of the planned one (as the tile sweep gives them): the same outputs.
+    x, weight, bias = torch.randn(2 * 12, 24), torch.randn(24), torch.randn(24)
+    other = (32, 2, 1)
+    assert other != kernels.plan(24, 12) and other != kernels.plan(24, 12, backward=True)
+    planned = kernels.forward(x, weight, bias, 1e-5, torch.float32, 2,
+                              token_dtype=torch.float32, channel_means=True)
+    given = kernels.forward(x, weight, bias, 1e-5, torch.float32, 2, token_dtype=torch.float32,
+                            channel_means=True, cfg=other)
+    for a, b in zip(planned[:5], given[:5]):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+    grad = torch.randn(2 * 12, 24)
+    planned = kernels.backward(grad, x, weight, planned[1], planned[2], 2)
+    given = kernels.backward(grad, x, weight, given[1], given[2], 2, cfg=other)
+    for a, b in zip(planned[:3], given[:3]):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     print('ok')
 ''')
 

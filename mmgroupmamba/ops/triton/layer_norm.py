@@ -33,20 +33,22 @@ _MIN_ROWS = 16
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
             out_dtype: torch.dtype, images: int = 1, token_dtype: Optional[torch.dtype] = None,
             channel_means: bool = False, residual: Optional[torch.Tensor] = None,
-            residual_scale: Optional[torch.Tensor] = None):
+            residual_scale: Optional[torch.Tensor] = None, *,
+            cfg: Optional[Tuple[int, int, int]] = None):
     """x ``(images * L, C)`` with contiguous channels, weight and bias ``(C,)`` -> ``(out
     (images * L, C) contiguous in out_dtype, mean, rstd, tokens, means, total)``: the statistics
     float32 ``(images * L,)``; with ``token_dtype``, ``tokens`` the output again as ``(images, C,
     L)`` in that dtype (else None); with ``channel_means``, ``means`` the output's means over
     each image's rows, float32 ``(images, C)`` (else None). With ``residual`` (like x, contiguous
     channels), the norm's input is ``total = x + residual`` (in x's dtype, contiguous; else
-    None), the residual times ``residual_scale[image]`` where given (``(images,)``)."""
+    None), the residual times ``residual_scale[image]`` where given (``(images,)``). ``cfg``
+    ``(BLOCK_C, BLOCK_L, warps)`` overrides the planned tile (for tuning)."""
     M, C = x.shape
     L = M // images
     out = torch.empty((M, C), dtype=out_dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    block_c, block_l, warps = _blocks(C, L, _TILE)
+    block_c, block_l, warps = _blocks(C, L, _TILE) if cfg is None else cfg
     l_blocks = cdiv(L, block_l)
     tokens = (None if token_dtype is None else
               torch.empty((images, C, L), dtype=token_dtype, device=x.device))
@@ -70,7 +72,8 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
              grad_means: Optional[torch.Tensor] = None,
              grad_input: Optional[torch.Tensor] = None,
              residual_dtype: Optional[torch.dtype] = None,
-             residual_scale: Optional[torch.Tensor] = None):
+             residual_scale: Optional[torch.Tensor] = None, *,
+             cfg: Optional[Tuple[int, int, int]] = None):
     """The gradient at the output is the sum of those given: ``grad_out`` ``(images * L, C)``
     with contiguous channels, ``grad_tokens`` (the channel-major copy's, ``(images, C, L)``
     contiguous) and ``grad_means`` (the channel means', ``(images, C)``); ``x`` is the norm's
@@ -78,13 +81,14 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
     (C,), grad_residual)``, the weight and bias gradients float32. ``grad_input`` (like x,
     contiguous channels) is a gradient that reaches the norm's input from elsewhere (the
     residual stream's), added to grad_x; with ``residual_dtype``, ``grad_residual`` is grad_x
-    again in that dtype (else None), times ``residual_scale[image]`` where given."""
+    again in that dtype (else None), times ``residual_scale[image]`` where given. ``cfg``
+    overrides the planned tile, as for :func:`forward`."""
     M, C = x.shape
     L = M // images
     grad_x = torch.empty((M, C), dtype=x.dtype, device=x.device)
     grad_residual = (None if residual_dtype is None else
                      torch.empty((M, C), dtype=residual_dtype, device=x.device))
-    block_c, block_l, warps = _blocks(C, L, _BWD_TILE)
+    block_c, block_l, warps = _blocks(C, L, _BWD_TILE) if cfg is None else cfg
     l_blocks = cdiv(L, block_l)
     programs = min(_BWD_PROGRAMS, images * l_blocks)
     partial = torch.empty((2, programs, C), dtype=torch.float32, device=x.device)
@@ -101,6 +105,12 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
         num_warps=warps)
     sums = partial.sum(dim=1)
     return grad_x, sums[0], sums[1], grad_residual
+
+
+def plan(C: int, L: int, backward: bool = False) -> Tuple[int, int, int]:
+    """The planned ``(BLOCK_C, BLOCK_L, warps)`` of the forward (or backward) kernel for rows
+    of ``C`` channels, ``L`` rows per image."""
+    return _blocks(C, L, _BWD_TILE if backward else _TILE)
 
 
 def compiled_kernel_count() -> int:
