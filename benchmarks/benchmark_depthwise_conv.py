@@ -18,13 +18,13 @@ import triton
 
 from mmgroupmamba.ops import depthwise_conv2d
 
-from common.kernels import depthwise_benchmark_parser, depthwise_maps, kernel_ms
+from common.kernels import maps_benchmark_parser, depthwise_maps, kernel_ms
 
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 
 
 def parse_args():
-    parser = depthwise_benchmark_parser(__doc__)
+    parser = maps_benchmark_parser(__doc__)
     parser.add_argument('--dtype', default='bfloat16', choices=list(DTYPES))
     parser.add_argument('--no-activation', action='store_true',
                         help='the convolutions without the activations that follow them')

@@ -26,7 +26,7 @@ from triton.compiler import ASTSource
 
 from mmgroupmamba.ops.triton import depthwise_conv, layer_norm, scan_n1
 
-from common.kernels import depthwise_benchmark_parser, depthwise_maps, token_maps
+from common.kernels import maps_benchmark_parser, depthwise_maps, token_maps
 
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
@@ -37,7 +37,7 @@ _ALLOCATION_UNIT = 256
 
 
 def parse_args():
-    parser = depthwise_benchmark_parser(__doc__)
+    parser = maps_benchmark_parser(__doc__)
     parser.add_argument('--stencil-warps', type=int,
                         help="the stencil kernels' warps (default: the plan's)")
     return parser.parse_args()

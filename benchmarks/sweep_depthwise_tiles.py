@@ -18,14 +18,14 @@ import triton
 
 from mmgroupmamba.ops.triton import depthwise_conv as stencil
 
-from common.kernels import (candidate_stencil_tiles, depthwise_benchmark_parser,
-                            depthwise_maps, graph_ms)
+from common.kernels import (candidate_stencil_tiles, depthwise_maps, graph_ms,
+                            maps_benchmark_parser, print_sweep)
 
 PASSES = ('forward', 'activation_grad', 'dgrad')
 
 
 def parse_args():
-    parser = depthwise_benchmark_parser(__doc__)
+    parser = maps_benchmark_parser(__doc__)
     parser.add_argument('--maps', nargs='+', help='map names (default: all), e.g. "stage 1 FFN"')
     parser.add_argument('--passes', nargs='+', default=list(PASSES), choices=PASSES)
     parser.add_argument('--rows', type=int, nargs='+', default=[1, 2, 4, 8, 16])
@@ -72,12 +72,8 @@ def main():
             # dict.fromkeys: the planned tile first, each tile once.
             times = {cfg: graph_ms(lambda: runs[pass_name](cfg), args.rep)
                      for cfg in dict.fromkeys([planned, *tiles])}
-            print(f'\n{name} {tuple(shape)} {layout}, {activation}, {pass_name}: planned '
-                  f'{_tile(planned)}: {times[planned] * 1e3:.0f} us '
-                  f'({nbytes / times[planned] / 1e6:.0f} GB/s)')
-            for cfg, ms in sorted(times.items(), key=lambda item: item[1])[:args.top]:
-                print(f'  {_tile(cfg)}: {ms * 1e3:.0f} us ({nbytes / ms / 1e6:.0f} GB/s, '
-                      f'{times[planned] / ms:.2f}x the planned)')
+            print_sweep(f'{name} {tuple(shape)} {layout}, {activation}, {pass_name}', times,
+                        planned, nbytes, args.top, _tile)
 
 
 if __name__ == '__main__':

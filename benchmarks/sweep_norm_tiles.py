@@ -13,24 +13,18 @@ channel-major copy, means, the residual stream's, and the residual's gradient wr
 Prints the fastest tiles per map and variant next to the planned one, with the bandwidth of the
 tensors each variant reads and writes.
 """
-import argparse
-
 import torch
 import triton
 
 from mmgroupmamba.ops.triton import layer_norm
 
-from common.kernels import graph_ms, token_maps
+from common.kernels import graph_ms, maps_benchmark_parser, print_sweep, token_maps
 
 VARIANTS = ('residual', 'mixer', 'backward')
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arch', default='tiny', choices=['tiny', 'small', 'base'])
-    parser.add_argument('--batch-size', type=int, default=128)
-    parser.add_argument('--image-size', type=int, default=224)
+    parser = maps_benchmark_parser(__doc__)
     parser.add_argument('--stages', type=int, nargs='+', default=[1, 2, 3, 4])
     parser.add_argument('--passes', nargs='+', default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument('--rows', type=int, nargs='+', default=[1, 2, 4, 8, 16, 32, 64])
@@ -101,11 +95,8 @@ def main():
             planned = layer_norm.plan(C, L, backward=variant == 'backward')
             times = {cfg: graph_ms(lambda: run(cfg), args.rep)
                      for cfg in dict.fromkeys([planned, *tiles])}
-            print(f'\n{name} tokens ({B}, {L}, {C}), {variant}: planned {_tile(planned)}: '
-                  f'{times[planned] * 1e3:.0f} us ({nbytes / times[planned] / 1e6:.0f} GB/s)')
-            for cfg, ms in sorted(times.items(), key=lambda item: item[1])[:args.top]:
-                print(f'  {_tile(cfg)}: {ms * 1e3:.0f} us ({nbytes / ms / 1e6:.0f} GB/s, '
-                      f'{times[planned] / ms:.2f}x the planned)')
+            print_sweep(f'{name} tokens ({B}, {L}, {C}), {variant}', times, planned, nbytes,
+                        args.top, _tile)
 
 
 if __name__ == '__main__':

@@ -142,9 +142,10 @@ def sweep_scan_tiles(batch: int, dim: int, L: int, dtype: torch.dtype = torch.fl
                                     for cfg in dict.fromkeys([planned[name], *tiles])}
 
 
-def depthwise_benchmark_parser(doc: str) -> argparse.ArgumentParser:
-    """The depthwise benchmarks' shared options: the variant whose maps are timed (``--arch``),
-    ``--batch-size`` and ``--image-size`` (see :func:`depthwise_maps`)."""
+def maps_benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks that time a variant's maps (depthwise maps, token maps):
+    the variant (``--arch``), ``--batch-size`` and ``--image-size`` (see :func:`depthwise_maps`
+    and :func:`token_maps`)."""
     from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,6 +153,17 @@ def depthwise_benchmark_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--image-size', type=int, default=224)
     return parser
+
+
+def print_sweep(title: str, times: Dict, planned, nbytes: int, top: int, describe) -> None:
+    """A tile sweep's result: ``title``, the planned tile's time and bandwidth, then the ``top``
+    fastest tiles (``times``: tile -> ms; ``describe(tile)`` names a tile; ``nbytes`` the bytes
+    one run reads and writes)."""
+    print(f'\n{title}: planned {describe(planned)}: {times[planned] * 1e3:.0f} us '
+          f'({nbytes / times[planned] / 1e6:.0f} GB/s)')
+    for tile, ms in sorted(times.items(), key=lambda item: item[1])[:top]:
+        print(f'  {describe(tile)}: {ms * 1e3:.0f} us ({nbytes / ms / 1e6:.0f} GB/s, '
+              f'{times[planned] / ms:.2f}x the planned)')
 
 
 def token_maps(arch: str, batch: int, size: int) -> Iterator[Tuple[str, Tuple[int, int, int, int]]]:

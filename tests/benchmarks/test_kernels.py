@@ -108,3 +108,11 @@ print('ok')
 
 def test_norm_sweep_runs_every_variant_in_the_interpreter():
     run_in_triton_interpreter(NORM_SWEEP_CHECK)
+
+
+def test_sweep_report_lists_the_planned_tile_then_the_fastest(capsys):
+    from common.kernels import print_sweep
+    print_sweep('map', {'a': 2.0, 'b': 1.0, 'c': 4.0}, 'a', 4_000_000, 2, str.upper)
+    assert capsys.readouterr().out.splitlines() == [
+        '', 'map: planned A: 2000 us (2 GB/s)',
+        '  B: 1000 us (4 GB/s, 2.00x the planned)', '  A: 2000 us (2 GB/s, 1.00x the planned)']
