@@ -26,7 +26,7 @@ from triton.compiler import ASTSource
 
 from mmgroupmamba.ops.triton import depthwise_conv, layer_norm, scan_n1
 
-from common.kernels import maps_benchmark_parser, depthwise_maps, token_maps
+from common.kernels import depthwise_maps, maps_benchmark_parser, token_maps
 
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64

@@ -11,7 +11,8 @@ them: ``forward`` (convolution and activation), ``activation_grad`` (the convolu
 for the activation's slope; the FFN's also writes the activation, as its backward asks) and
 ``dgrad`` (the input gradient, the kernel's taps turned; the weight-gradient kernel that
 ``backward`` also runs does not depend on the tile). Prints the fastest tiles per map and pass
-next to the one ``plan`` picks for that pass, with the bandwidth of one read and one write of the map.
+next to the one ``plan`` picks for that pass, with the bandwidth of one read and one write of
+the map.
 """
 import torch
 import triton

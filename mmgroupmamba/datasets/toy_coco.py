@@ -1,10 +1,9 @@
 """A small synthetic COCO-format instance-segmentation dataset, made on the fly.
 
 Each image (square, or of random aspect ratios up to ``image_size`` on its longer side) shows 1
-to ``max_objects`` filled shapes (circle, square, triangle), each class in
-its own colour family, on a noisy two-colour gradient background. Every shape is drawn as the
-very polygon stored in its annotation, so the masks are exact; shapes never overlap, so no mask
-is occluded. Layout written under ``out_dir``::
+to ``max_objects`` filled shapes (circle, square, triangle), each class in its own colour family,
+on a noisy two-colour gradient background. Every shape is drawn as the very polygon stored in its
+annotation, so the masks are exact; shapes never overlap, so no mask is occluded. Layout written under ``out_dir``::
 
     train/000000.png ...            val/000000.png ...
     annotations/train.json          annotations/val.json     (COCO instances format)

@@ -97,5 +97,6 @@ def test_make_toy_data_passes_the_coco_options_and_refuses_them_elsewhere(tmp_pa
     assert [(im['width'], im['height']) for im in coco['images']] == [(48, 24)] * 2
     refused = subprocess.run([sys.executable, tool, 'ade20k', str(tmp_path / 'ade'),
                               '--num-train', '2'], capture_output=True, text=True)
-    assert refused.returncode == 2 and 'ade20k dataset takes none of the coco options (--num-train)' in refused.stderr
+    assert refused.returncode == 2
+    assert 'ade20k dataset takes none of the coco options (--num-train)' in refused.stderr
     assert not osp.exists(tmp_path / 'ade')

@@ -146,7 +146,7 @@ def _blocks(shape: torch.Size, channels_last: bool, tile: int,
         block_c = min(channels, next_power_of_2(C))
         return min(next_power_of_2(W), tile // block_c), block_c
     block_w = min(64, next_power_of_2(W))
-    return block_w, min(next_power_of_2(C), max(1, tile // block_w))
+    return block_w, min(next_power_of_2(C), tile // block_w)
 
 
 def _stencil(src, weight, bias, dst, mirrored: bool, activation: int = 0, grad_y=None,

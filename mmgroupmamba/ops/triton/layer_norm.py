@@ -48,7 +48,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     out = torch.empty((M, C), dtype=out_dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    block_c, block_l, warps = _blocks(C, L, _TILE) if cfg is None else cfg
+    block_c, block_l, warps = plan(C, L) if cfg is None else cfg
     l_blocks = cdiv(L, block_l)
     tokens = (None if token_dtype is None else
               torch.empty((images, C, L), dtype=token_dtype, device=x.device))
@@ -88,7 +88,7 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
     grad_x = torch.empty((M, C), dtype=x.dtype, device=x.device)
     grad_residual = (None if residual_dtype is None else
                      torch.empty((M, C), dtype=residual_dtype, device=x.device))
-    block_c, block_l, warps = _blocks(C, L, _BWD_TILE) if cfg is None else cfg
+    block_c, block_l, warps = plan(C, L, backward=True) if cfg is None else cfg
     l_blocks = cdiv(L, block_l)
     programs = min(_BWD_PROGRAMS, images * l_blocks)
     partial = torch.empty((2, programs, C), dtype=torch.float32, device=x.device)
