@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
 from ._backends import check_backend, triton_module, triton_unavailable
+from ._products import product_in
 from ._tracing import exporting, traced
 from .depthwise_conv import conv_activation_backward, depthwise_conv2d
 
@@ -129,7 +130,8 @@ def mixer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
     Returns:
         ``(out, tokens, mean)``: ``out`` (B, H, W, C) as :func:`layer_norm` gives it, ``tokens``
-        (B, C, H * W) contiguous in ``token_dtype``, ``mean`` (B, C), the mean of ``out`` over
+        (B, C, H * W) in ``token_dtype`` with contiguous tokens (on the kernels a view of
+        channel-major (C, B, H * W) memory, the mixer's layout), ``mean`` (B, C), the mean of ``out`` over
         H and W (float32 on CUDA), or None.
     """
     kernels = _kernels('layer_norm', 'mixer_norm', x, backend)
@@ -220,7 +222,7 @@ class _TokenNorm(torch.autograd.Function):
         # The gradients of the outputs that were used (None for the others) enter one pass.
         grad_x, grad_weight, grad_bias, grad_branch = ctx.kernels.backward(
             None if grad_out is None else _channel_rows(grad_out), rows, weight, mean, rstd,
-            ctx.images, None if grad_tokens is None else grad_tokens.contiguous(), grad_mean,
+            ctx.images, None if grad_tokens is None else _rows(grad_tokens), grad_mean,
             grad_input=None if grad_total is None else _channel_rows(grad_total),
             residual_dtype=ctx.branch_dtype, residual_scale=branch_scale)
         if grad_branch is not None:
@@ -573,11 +575,11 @@ class _FFN(torch.autograd.Function):
                 act, grad_h = act.permute(0, 2, 3, 1), grad_h.permute(0, 2, 3, 1)
             del h, grad_act
             rows = grad_out.flatten(0, -2)
-            grad_fc2_weight = rows.t() @ act.flatten(0, -2)
+            grad_fc2_weight = product_in(rows.t(), act.flatten(0, -2), fc2_weight_dtype)
             grad_fc2_bias = rows.sum(0, dtype=fc2_bias_dtype)
             del act
             grad_x = grad_h @ fc1_weight_c
-            grad_fc1_weight = grad_h.flatten(0, -2).t() @ x.flatten(0, -2)
-        return (grad_x, grad_fc1_weight.to(fc1_weight_dtype), grad_fc1_bias.to(fc1_bias_dtype),
-                grad_conv_weight, grad_conv_bias, grad_fc2_weight.to(fc2_weight_dtype),
-                grad_fc2_bias.to(fc2_bias_dtype))
+            grad_fc1_weight = product_in(grad_h.flatten(0, -2).t(), x.flatten(0, -2),
+                                         fc1_weight_dtype)
+        return (grad_x, grad_fc1_weight, grad_fc1_bias.to(fc1_bias_dtype), grad_conv_weight,
+                grad_conv_bias, grad_fc2_weight, grad_fc2_bias.to(fc2_bias_dtype))
