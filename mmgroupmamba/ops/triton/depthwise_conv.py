@@ -120,13 +120,15 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_b
     B, C, H, W = x.shape
     block_w, block_c = _blocks(x.shape, x.stride(1) == 1, _WGRAD_TILE)
     row_blocks = cdiv(H, _WGRAD_ROWS)
-    partial = torch.empty((B * row_blocks, 10, C), dtype=torch.float32, device=x.device)
+    # Per program, the (C, 3, 3) taps' partial sums, then the bias's (C,): their sum over the
+    # programs is the weight gradient as it lies, with no transposing copy.
+    partial = torch.empty((B * row_blocks, 10 * C), dtype=torch.float32, device=x.device)
     _dwconv_wgrad_kernel[(B * row_blocks, cdiv(C, block_c))](
         x, grad_y, partial, H, W, C, *x.stride(), *grad_y.stride(), row_blocks,
         ROWS=_WGRAD_ROWS, BLOCK_W=block_w, BLOCK_C=block_c)
     sums = partial.sum(0)
-    grad_weight = sums[:9].t().contiguous().view(C, 1, 3, 3)
-    grad_bias = sums[9] if with_bias else None
+    grad_weight = sums[:9 * C].view(C, 1, 3, 3)
+    grad_bias = sums[9 * C:] if with_bias else None
     if input_grad_sums:
         return grad_x, grad_weight, grad_bias, sums_x
     return grad_x, grad_weight, grad_bias
@@ -336,9 +338,9 @@ def _shifted(base, h, offs_w, DH: tl.constexpr, DW: tl.constexpr, H, W, s_h, s_w
 def _dwconv_wgrad_kernel(x_ptr, g_ptr, partial_ptr, H, W, C, xs_b, xs_c, xs_h, xs_w, gs_b,
                          gs_c, gs_h, gs_w, row_blocks, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
                          BLOCK_C: tl.constexpr):
-    # partial[program, 3 * i + j, c] = sum over the program's rows of g[h, w] * x[h + i - 1,
-    # w + j - 1]; partial[program, 9, c] = sum of g (the bias gradient). Elementwise partial
-    # sums per tap, reduced across the tile once at the end.
+    # partial[program, 9 * c + 3 * i + j] = sum over the program's rows of g[h, w] * x[h + i - 1,
+    # w + j - 1]; partial[program, 9 * C + c] = sum of g (the bias gradient). Elementwise
+    # partial sums per tap, reduced across the tile once at the end.
     program = tl.program_id(0)
     b = (program // row_blocks).to(tl.int64)
     h0 = (program % row_blocks) * ROWS
@@ -365,14 +367,15 @@ def _dwconv_wgrad_kernel(x_ptr, g_ptr, partial_ptr, H, W, C, xs_b, xs_c, xs_h, x
             s20 += g * _shifted(x_base, h, offs_w, 1, -1, H, W, xs_h, xs_w, g_mask)
             s21 += g * _shifted(x_base, h, offs_w, 1, 0, H, W, xs_h, xs_w, g_mask)
             s22 += g * _shifted(x_base, h, offs_w, 1, 1, H, W, xs_h, xs_w, g_mask)
-    out = partial_ptr + program.to(tl.int64) * 10 * C + offs_c
-    tl.store(out, tl.sum(s00, axis=0), mask=c_mask)
-    tl.store(out + C, tl.sum(s01, axis=0), mask=c_mask)
-    tl.store(out + 2 * C, tl.sum(s02, axis=0), mask=c_mask)
-    tl.store(out + 3 * C, tl.sum(s10, axis=0), mask=c_mask)
-    tl.store(out + 4 * C, tl.sum(s11, axis=0), mask=c_mask)
-    tl.store(out + 5 * C, tl.sum(s12, axis=0), mask=c_mask)
-    tl.store(out + 6 * C, tl.sum(s20, axis=0), mask=c_mask)
-    tl.store(out + 7 * C, tl.sum(s21, axis=0), mask=c_mask)
-    tl.store(out + 8 * C, tl.sum(s22, axis=0), mask=c_mask)
-    tl.store(out + 9 * C, tl.sum(s_bias, axis=0), mask=c_mask)
+    base = partial_ptr + program.to(tl.int64) * 10 * C
+    taps = base + offs_c * 9
+    tl.store(taps, tl.sum(s00, axis=0), mask=c_mask)
+    tl.store(taps + 1, tl.sum(s01, axis=0), mask=c_mask)
+    tl.store(taps + 2, tl.sum(s02, axis=0), mask=c_mask)
+    tl.store(taps + 3, tl.sum(s10, axis=0), mask=c_mask)
+    tl.store(taps + 4, tl.sum(s11, axis=0), mask=c_mask)
+    tl.store(taps + 5, tl.sum(s12, axis=0), mask=c_mask)
+    tl.store(taps + 6, tl.sum(s20, axis=0), mask=c_mask)
+    tl.store(taps + 7, tl.sum(s21, axis=0), mask=c_mask)
+    tl.store(taps + 8, tl.sum(s22, axis=0), mask=c_mask)
+    tl.store(base + 9 * C + offs_c, tl.sum(s_bias, axis=0), mask=c_mask)
