@@ -21,7 +21,7 @@ from mmseg.registry import MODELS as MMSEG_MODELS
 
 from ..ops import SCAN_DIRECTIONS
 from ..ops.fused import (add_layer_norm, channel_affinity, compute_dtype, ffn, layer_norm,
-                         mixer_norm, modulate_norm)
+                         linear, mixer_norm, modulate_norm)
 from ..ops.mixer import grouped_ss2d
 from .compiling import dense_conv, resolve_compile, run_compiled
 from .weights import check_outputs_finite, check_weights_on_load
@@ -221,7 +221,7 @@ class GroupMambaLayer(nn.Module):
         m = self.ssm.forward_tokens(tokens, x.shape[1:3])
         y = modulate_norm(x, m, self.skip_scale, affinity, self.norm.weight, self.norm.bias,
                           self.norm.eps)
-        return self.proj(y)
+        return linear(y, self.proj.weight, self.proj.bias)
 
 
 class FFN(nn.Module):

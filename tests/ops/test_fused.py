@@ -7,16 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_in_triton_interpreter
-from mmgroupmamba.ops.fused import (_FFN, _GroupNormGate, add_layer_norm, ffn, ffn_ref,
-                                    group_norm_gate, group_norm_gate_ref, layer_norm,
+from mmgroupmamba.ops.fused import (_FFN, _GroupNormGate, _Linear, add_layer_norm, ffn,
+                                    ffn_ref, group_norm_gate, group_norm_gate_ref, layer_norm,
                                     layer_norm_ref, mixer_norm, mixer_norm_ref, modulate_norm,
                                     modulate_norm_ref)
 
 
 def test_memory_lean_functions_match_plain_autograd():
     """The eager autograd Functions that keep less for backward (the FFN, the SS2D's norm and
-    gate) give the gradients of the plain operators: exactly in float64 (gradcheck; with and
-    without the convolution and its bias), and within bf16 rounding under autocast."""
+    gate) or cast less (the linear layer) give the gradients of the plain operators: exactly in
+    float64 (gradcheck; with and without the convolution and its bias), and within bf16
+    rounding under autocast."""
     torch.manual_seed(0)
     double = dict(dtype=torch.double, requires_grad=True)
     x = torch.randn(2, 3, 5, 6, **double)
@@ -29,6 +30,7 @@ def test_memory_lean_functions_match_plain_autograd():
         x, w1, b1, cw, None, w2, b2), (x, w1, b1, conv_w, w2, b2))
     assert torch.autograd.gradcheck(lambda x, w1, b1, w2, b2: lean_ffn(
         x, w1, b1, None, None, w2, b2), (x, w1, b1, w2, b2))
+    assert torch.autograd.gradcheck(_Linear.apply, (x, w1, b1))
     y, z = torch.randn(2, 4, 5, 7, **double), torch.randn(2, 4, 5, 7, **double)
     weight, bias = torch.randn(4, 5, **double), torch.randn(4, 5, **double)
     gate = _GroupNormGate.apply
@@ -41,7 +43,7 @@ def test_memory_lean_functions_match_plain_autograd():
 
     ffn_args = (x, w1, b1, conv_w, conv_b, w2, b2)
     torch.testing.assert_close(ffn_ref(*ffn_args), plain_ffn(*ffn_args))
-    cases = [(lean_ffn, plain_ffn, ffn_args, 1),
+    cases = [(lean_ffn, plain_ffn, ffn_args, 1), (_Linear.apply, F.linear, (x, w1, b1), 1),
              (lambda *a: gate(*a, 1e-5, None),
               lambda *a: group_norm_gate_ref(*a, 1e-5), (y, z, weight, bias), 2)]
     for lean, plain, args, maps in cases:
