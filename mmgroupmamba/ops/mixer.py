@@ -12,8 +12,9 @@ Per group ``g`` of ``d`` channels (``R`` the rank of the step projection, one st
 On the Triton kernels the maps are channel-major over the whole batch, ``(C, B, L)`` memory:
 each projection is then one matmul per group over all images' tokens, its weight used as it is
 and its gradient one product (no per-image weight copies or per-image gradients summed after).
-Eager calls on the kernels go to them directly, past the public ops' checks and dispatch: training through one autograd ``Function`` whose backward calls the kernels' backward
-passes and the matmuls' transposes itself (autograd would record and replay some twenty nodes
+Eager calls on the kernels go to them directly, past the public ops' checks and dispatch:
+training through one autograd ``Function`` whose backward calls the kernels' backward passes
+and the matmuls' transposes itself (autograd would record and replay some twenty nodes
 per call, whose host time, not the GPU's, sets the pace of eager training), inference through its
 forward alone. The Function keeps what autograd would keep, and adds the two pairs of input
 gradients that meet (the tokens', the scan input's) inside a matmul (``baddbmm``) instead of in

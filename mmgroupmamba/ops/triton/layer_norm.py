@@ -38,8 +38,9 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     """x ``(images * L, C)`` with contiguous channels, weight and bias ``(C,)`` -> ``(out
     (images * L, C) contiguous in out_dtype, mean, rstd, tokens, means, total)``: the statistics
     float32 ``(images * L,)``; with ``token_dtype``, ``tokens`` the output again as ``(images, C,
-    L)`` in that dtype, a view of channel-major ``(C, images, L)`` memory (else None); with ``channel_means``, ``means`` the output's means over
-    each image's rows, float32 ``(images, C)`` (else None). With ``residual`` (like x, contiguous
+    L)`` in that dtype, a view of channel-major ``(C, images, L)`` memory (else None); with
+    ``channel_means``, ``means`` the output's means over each image's rows, float32 ``(images,
+    C)`` (else None). With ``residual`` (like x, contiguous
     channels), the norm's input is ``total = x + residual`` (in x's dtype, contiguous; else
     None), the residual times ``residual_scale[image]`` where given (``(images,)``). ``cfg``
     ``(BLOCK_C, BLOCK_L, warps)`` overrides the planned tile (for tuning)."""
@@ -77,8 +78,8 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
              cfg: Optional[Tuple[int, int, int]] = None):
     """The gradient at the output is the sum of those given: ``grad_out`` ``(images * L, C)``
     with contiguous channels, ``grad_tokens`` (the channel-major copy's, ``(images, C, L)``
-    with contiguous tokens, any image and channel strides) and ``grad_means`` (the channel means', ``(images, C)``); ``x`` is the norm's
-    input. -> ``(grad_x (images * L, C) contiguous in x's dtype, grad_weight (C,), grad_bias
+    with contiguous tokens, any image and channel strides) and ``grad_means`` (the channel
+    means', ``(images, C)``); ``x`` is the norm's input. -> ``(grad_x (images * L, C) contiguous in x's dtype, grad_weight (C,), grad_bias
     (C,), grad_residual)``, the weight and bias gradients float32. ``grad_input`` (like x,
     contiguous channels) is a gradient that reaches the norm's input from elsewhere (the
     residual stream's), added to grad_x; with ``residual_dtype``, ``grad_residual`` is grad_x
@@ -182,8 +183,8 @@ def _layer_norm_fwd_kernel(x_ptr, r_ptr, s_ptr, total_ptr, w_ptr, b_ptr, out_ptr
 @triton.jit(do_not_specialize=['L', 'blocks', 'l_blocks'])
 def _layer_norm_bwd_kernel(go_ptr, gt_ptr, gm_ptr, gi_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr,
                            gx_ptr, gr_ptr, s_ptr, partial_ptr, L, C, blocks, l_blocks, gos_m, gis_m,
-                           xs_m, gts_b, gts_c, HAS_GRAD_OUT: tl.constexpr, HAS_GRAD_TOKENS: tl.constexpr,
-                           HAS_GRAD_MEANS: tl.constexpr, HAS_GRAD_INPUT: tl.constexpr,
+                           xs_m, gts_b, gts_c, HAS_GRAD_OUT: tl.constexpr,
+                           HAS_GRAD_TOKENS: tl.constexpr, HAS_GRAD_MEANS: tl.constexpr, HAS_GRAD_INPUT: tl.constexpr,
                            RESIDUAL_GRAD: tl.constexpr, SCALED: tl.constexpr,
                            BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program p takes blocks p, p + P, p + 2P, ... (P programs; block = image * l_blocks + row
