@@ -79,8 +79,9 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
     """The gradient at the output is the sum of those given: ``grad_out`` ``(images * L, C)``
     with contiguous channels, ``grad_tokens`` (the channel-major copy's, ``(images, C, L)``
     with contiguous tokens, any image and channel strides) and ``grad_means`` (the channel
-    means', ``(images, C)``); ``x`` is the norm's input. -> ``(grad_x (images * L, C) contiguous in x's dtype, grad_weight (C,), grad_bias
-    (C,), grad_residual)``, the weight and bias gradients float32. ``grad_input`` (like x,
+    means', ``(images, C)``); ``x`` is the norm's input. -> ``(grad_x (images * L, C)
+    contiguous in x's dtype, grad_weight (C,), grad_bias (C,), grad_residual)``, the weight and
+    bias gradients float32. ``grad_input`` (like x,
     contiguous channels) is a gradient that reaches the norm's input from elsewhere (the
     residual stream's), added to grad_x; with ``residual_dtype``, ``grad_residual`` is grad_x
     again in that dtype (else None), times ``residual_scale[image]`` where given. ``cfg``
@@ -184,9 +185,9 @@ def _layer_norm_fwd_kernel(x_ptr, r_ptr, s_ptr, total_ptr, w_ptr, b_ptr, out_ptr
 def _layer_norm_bwd_kernel(go_ptr, gt_ptr, gm_ptr, gi_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr,
                            gx_ptr, gr_ptr, s_ptr, partial_ptr, L, C, blocks, l_blocks, gos_m, gis_m,
                            xs_m, gts_b, gts_c, HAS_GRAD_OUT: tl.constexpr,
-                           HAS_GRAD_TOKENS: tl.constexpr, HAS_GRAD_MEANS: tl.constexpr, HAS_GRAD_INPUT: tl.constexpr,
-                           RESIDUAL_GRAD: tl.constexpr, SCALED: tl.constexpr,
-                           BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+                           HAS_GRAD_TOKENS: tl.constexpr, HAS_GRAD_MEANS: tl.constexpr,
+                           HAS_GRAD_INPUT: tl.constexpr, RESIDUAL_GRAD: tl.constexpr,
+                           SCALED: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program p takes blocks p, p + P, p + 2P, ... (P programs; block = image * l_blocks + row
     # block) and accumulates the weight and bias gradients of its rows, stored to partial[0, p]
     # and partial[1, p].

@@ -139,8 +139,8 @@ def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatia
 
     ``u, delta``: ``(batch, dim, L)`` of one layout, contiguous or channel-major
     (:func:`sequence_layout`), which ``y`` takes; ``B, C``: ``(batch, groups, 1, L)`` whose
-    batch and group strides are multiples of ``L`` (a broadcast group stride of 0 is fine); ``directions``:
-    tuple of ``groups`` direction indices; ``empty`` allocates the outputs.
+    batch and group strides are multiples of ``L`` (a broadcast group stride of 0 is fine);
+    ``directions``: tuple of ``groups`` direction indices; ``empty`` allocates the outputs.
     """
     batch, dim, L = u.shape
     groups = B.shape[1]
@@ -168,8 +168,8 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
     :func:`forward`), ``dA`` is the gradient of ``A_log``.
 
     ``dy`` and du/ddelta have u's layout; du/ddelta come in the inputs' dtypes, dA/dD/ddelta_bias
-    in float32 (summed with atomics), dB/dC ``(batch, groups, 1, L)`` in B's dtype (summed in float32 when a group spans several
-    programs).
+    in float32 (summed with atomics), dB/dC ``(batch, groups, 1, L)`` in B's dtype (summed in
+    float32 when a group spans several programs).
     ``states`` is what :func:`forward` saved; ``cfg.block_t`` is a multiple of ``STATE_STEPS`` or
     covers ``L``.
     """
