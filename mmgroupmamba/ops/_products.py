@@ -14,6 +14,8 @@ def product_in(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Te
             and a.dtype in (torch.float16, torch.bfloat16)):
         try:
             return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
-        except RuntimeError:
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # not implemented for this device or dtype
             _float32_out[0] = False
     return torch.matmul(a, b).to(dtype)
