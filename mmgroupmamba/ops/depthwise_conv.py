@@ -117,7 +117,9 @@ def _conv_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     """Returns ``[grad_x, grad_weight, grad_bias]`` in the inputs' dtypes (an empty grad_bias
     without bias)."""
     grad_x, grad_weight, grad_bias = _backward_impl(grad_y, x, weight, bias, activation, backend)
-    return [grad_x, grad_weight, x.new_empty(0) if grad_bias is None else grad_bias]
+    # The kernels' weight and bias gradients are views of one buffer; operator outputs must not
+    # alias each other.
+    return [grad_x, grad_weight, x.new_empty(0) if grad_bias is None else grad_bias.clone()]
 
 
 def conv_activation_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
