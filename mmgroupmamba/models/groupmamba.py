@@ -160,14 +160,14 @@ class GroupedSS2D(nn.Module):
         return self.forward_tokens(tokens, (H, W))
 
     def forward_tokens(self, tokens: torch.Tensor, spatial_shape: Tuple[int, int]) -> torch.Tensor:
-        """tokens: (B, C, L), channels before tokens, in the matmuls' dtype (the layer's input
+        """tokens: (B, C, L) contiguous, channel-major, in the matmuls' dtype (the layer's input
         norm writes them so) -> (B, H, W, C), a view of channel-major memory."""
         B, C, L = tokens.shape
         H, W = spatial_shape
-        # Channels before tokens from the input projection to the output projection: the layout
-        # of the scan and of the depthwise convolution, in which every projection is one batched
-        # matmul over the groups (``ops.mixer``). The output stays a view that the layer's tail
-        # reads in place.
+        # Group-major, channel-major (B, G, d, L) from the input projection to the output
+        # projection: the layout of the scan and of the depthwise convolution, in which every
+        # projection is one batched matmul over the groups. The output stays a channel-major
+        # view that the layer's tail reads in place.
         out = grouped_ss2d(tokens, (H, W), self.in_proj_weight, self.conv.weight, self.conv.bias,
                            self.x_proj_weight, self.dt_proj_weight, self.dt_bias, self.A_log,
                            self.D, self.out_norm_weight, self.out_norm_bias,

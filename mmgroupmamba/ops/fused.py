@@ -131,9 +131,8 @@ def mixer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
     Returns:
         ``(out, tokens, mean)``: ``out`` (B, H, W, C) as :func:`layer_norm` gives it, ``tokens``
-        (B, C, H * W) in ``token_dtype`` with contiguous tokens (on the kernels a view of
-        channel-major (C, B, H * W) memory, the mixer's layout), ``mean`` (B, C), the mean of
-        ``out`` over H and W (float32 on CUDA), or None.
+        (B, C, H * W) contiguous in ``token_dtype``, ``mean`` (B, C), the mean of ``out`` over
+        H and W (float32 on CUDA), or None.
     """
     kernels = _kernels('layer_norm', 'mixer_norm', x, backend)
     if kernels is None:
@@ -223,7 +222,7 @@ class _TokenNorm(torch.autograd.Function):
         # The gradients of the outputs that were used (None for the others) enter one pass.
         grad_x, grad_weight, grad_bias, grad_branch = ctx.kernels.backward(
             None if grad_out is None else _channel_rows(grad_out), rows, weight, mean, rstd,
-            ctx.images, None if grad_tokens is None else _rows(grad_tokens), grad_mean,
+            ctx.images, None if grad_tokens is None else grad_tokens.contiguous(), grad_mean,
             grad_input=None if grad_total is None else _channel_rows(grad_total),
             residual_dtype=ctx.branch_dtype, residual_scale=branch_scale)
         if grad_branch is not None:

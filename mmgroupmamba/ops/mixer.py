@@ -9,24 +9,20 @@ Per group ``g`` of ``d`` channels (``R`` the rank of the step projection, one st
     y = selective_scan(u, dt_proj[g] @ dt, -exp(A_log), B, C, D, dt_bias, softplus, direction g)
     out = out_proj[g] @ (LayerNorm_g(y) * SiLU(z))
 
-On the Triton kernels the maps are channel-major over the whole batch, ``(C, B, L)`` memory:
-each projection is then one matmul per group over all images' tokens, its weight used as it is
-and its gradient one product (no per-image weight copies or per-image gradients summed after).
-Eager calls on the kernels go to them directly, past the public ops' checks and dispatch:
-training through one autograd ``Function`` whose backward calls the kernels' backward passes
-and the matmuls' transposes itself (autograd would record and replay some twenty nodes
+Eager calls on the Triton kernels go to them directly, past the public ops' checks and
+dispatch: training through one autograd ``Function`` whose backward calls the kernels' backward
+passes and the matmuls' transposes itself (autograd would record and replay some twenty nodes
 per call, whose host time, not the GPU's, sets the pace of eager training), inference through its
 forward alone. The Function keeps what autograd would keep, and adds the two pairs of input
 gradients that meet (the tokens', the scan input's) inside a matmul (``baddbmm``) instead of in
 separate passes. Tracers and exporters, float64 and devices without the kernels compose the
 public ops (:func:`grouped_ss2d_ref`), which the Function is tested against.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
 from ._backends import triton_module, triton_unavailable
-from ._products import product_in
 from ._tracing import traced
 from .depthwise_conv import _like, depthwise_conv2d
 from .fused import group_norm_gate, per_image
@@ -43,10 +39,7 @@ def grouped_ss2d(tokens: torch.Tensor, spatial_shape: Tuple[int, int],
                  out_proj_weight: torch.Tensor, eps: float,
                  directions: Sequence[str] = SCAN_DIRECTIONS) -> torch.Tensor:
     """Args:
-        tokens: ``(B, C, L)``, channels before tokens, in the dtype the matmuls compute in;
-            read without a copy when contiguous for the reference, and when channel-major over
-            the batch (``tokens.transpose(0, 1)`` contiguous, as ``fused.mixer_norm`` writes
-            them) for the kernels.
+        tokens: ``(B, C, L)`` contiguous, channel-major, in the dtype the matmuls compute in.
         spatial_shape: ``(H, W)``, ``H * W == L``.
         in_proj_weight: ``(G, 2d, d)``, the rows of ``u`` then of ``z``.
         conv_weight, conv_bias: ``(C, 1, 3, 3)``, ``(C,)``.
@@ -57,8 +50,7 @@ def grouped_ss2d(tokens: torch.Tensor, spatial_shape: Tuple[int, int],
         directions: the groups' scan directions (``G`` names).
 
     Returns:
-        ``(B, G, d, L)`` in tokens' dtype: contiguous from the reference, a view of
-        channel-major ``(G, d, B, L)`` memory from the kernels.
+        ``(B, G, d, L)`` contiguous, in tokens' dtype.
     """
     args = (tokens, in_proj_weight, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
             dt_bias, A_log, D, norm_weight, norm_bias, out_proj_weight)
@@ -105,75 +97,33 @@ def _mT(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2)
 
 
-# The kernels' path computes on channel-major maps, (C, B, L) memory: a group's channels of all
-# images are one (d, B * L) matrix, so that every grouped projection is one matmul per group,
-# its weight used as it is (not repeated per image) and its gradient one product over all
-# tokens (not per image, then summed). The scan, the convolution and the norm-gate read these
-# maps as (B, C, L), (B, C, H, W) and (B, G, d, L) views; nothing is copied between them.
-
-def _per_group(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, C, L) or (B, C, H, W) -> (G, d, B * L), a view of channel-major memory (else a
-    copy)."""
-    return x.flatten(2).unflatten(1, (groups, -1)).permute(1, 2, 0, 3).flatten(2)
-
-
-def _per_image(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """(G, k, B * L) -> the (B, G, k, L) view."""
-    return x.unflatten(2, (batch, -1)).permute(2, 0, 1, 3)
-
-
-def _sequences(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """(G, d, B * L) -> the (B, C, L) view."""
-    return _per_image(x, batch).flatten(1, 2)
-
-
-def _maps(x: torch.Tensor, batch: int, spatial_shape: Tuple[int, int]) -> torch.Tensor:
-    """(G, d, B * L) -> the (B, C, H, W) view."""
-    return _sequences(x, batch).unflatten(2, spatial_shape)
-
-
-def _weight_grad(grad: torch.Tensor, inputs: torch.Tensor, dtype: torch.dtype,
-                 columns: Optional[int] = None) -> torch.Tensor:
-    """Each group's ``grad @ inputs^T``, ``(G, m, k)`` from ``(G, m, T)`` and ``(G, k, T)`` (its
-    first ``columns`` of k), in ``dtype`` (the parameter's), a view. One product of all groups'
-    rows (``(G * m, T) @ (T, G * k)``, of which the diagonal blocks are kept) rather than a
-    batched product per group, which cuBLAS ran up to 9x slower than the per-image products it
-    replaced (H100, 2026-12-07: a batch of four reductions over 401,408 tokens). The blocks off
-    the diagonal cost (G - 1) / G of the product's arithmetic, small next to reading the
-    operands."""
-    G, m, T = grad.shape
-    k = inputs.shape[1]
-    full = product_in(grad.reshape(G * m, T), inputs.reshape(G * k, T).t(), dtype)
-    blocks = full.view(G, m, G, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-    return blocks if columns is None else blocks[..., :columns]
-
-
 def _forward(tokens, in_proj_weight, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
              dt_bias, A_log, D, norm_weight, norm_bias, out_proj_weight, config):
     """The kernels' forward: ``(out, what backward needs)``."""
     (H, W), eps, directions = config
     conv, scan, norm_gate = (triton_module(m) for m in ('depthwise_conv', 'scan', 'norm_gate'))
-    B = tokens.shape[0]
+    B, C, L = tokens.shape
     G, d, R = dt_proj_weight.shape
     dtype = tokens.dtype
-    x = _per_group(tokens, G)
-    w_in, w_x, w_dt, w_out = (weight.to(dtype) for weight in (
-        in_proj_weight, x_proj_weight, dt_proj_weight, out_proj_weight))
-    w_u, w_z = w_in.split(d, dim=1)
+    x = tokens.view(B, G, d, L)
+    # Grad is off here (in the Function's forward, or no-grad inference): plain repeats.
+    w_in = per_image(in_proj_weight, B, dtype)
+    w_x = per_image(x_proj_weight, B, dtype)
+    w_dt = per_image(dt_proj_weight, B, dtype)
+    w_out = per_image(out_proj_weight, B, dtype)
+    w_u, w_z = w_in.split(d, dim=2)
     pre, z = torch.matmul(w_u, x), torch.matmul(w_z, x)
-    u = _per_group(conv.forward(_maps(pre, B, (H, W)), conv_weight, conv_bias, 'silu'), G)
+    u = conv.forward(pre.view(B, C, H, W), conv_weight, conv_bias, 'silu').view(B, G, d, L)
     x_dbl = torch.matmul(w_x, u)
-    dt, Bs, Cs = x_dbl.split((R, 1, 1), dim=1)
+    dt, Bs, Cs = x_dbl.split((R, 1, 1), dim=2)
     delta = torch.matmul(w_dt, dt)
     # The kernel takes A = -exp(A_log) itself (and returns A_log's gradient).
     D32, bias32 = D.float(), dt_bias.float()
-    y, states = scan.scan_forward(_sequences(u, B), _sequences(delta, B), A_log,
-                                  _per_image(Bs, B), _per_image(Cs, B), D32, bias32, True,
-                                  directions, (H, W), dtype, a_log=True)
-    gated, mean, rstd = norm_gate.forward(y.unflatten(1, (G, d)), _per_image(z, B),
-                                          norm_weight, norm_bias, eps)
-    gated = _per_group(gated.flatten(1, 2), G)
-    out = _per_image(torch.matmul(w_out, gated), B)
+    y, states = scan.scan_forward(u.view(B, C, L), delta.view(B, C, L), A_log, Bs, Cs, D32,
+                                  bias32, True, directions, (H, W), dtype, a_log=True)
+    y = y.view(B, G, d, L)
+    gated, mean, rstd = norm_gate.forward(y, z, norm_weight, norm_bias, eps)
+    out = torch.matmul(w_out, gated)
     return out, (x, w_in, pre, z, u, w_x, x_dbl, w_dt, delta, A_log, D32, bias32, y, gated,
                  mean, rstd, w_out, conv_weight, conv_bias, norm_weight, norm_bias, *states)
 
@@ -189,7 +139,6 @@ class _GroupedSS2D(torch.autograd.Function):
                               out_proj_weight, config)
         ctx.save_for_backward(*saved)
         ctx.config = config
-        ctx.batch = tokens.shape[0]
         ctx.dtypes = tuple(t.dtype for t in (in_proj_weight, x_proj_weight, dt_proj_weight,
                                               dt_bias, A_log, D, out_proj_weight))
         return out
@@ -204,51 +153,47 @@ class _GroupedSS2D(torch.autograd.Function):
          out_dtype) = ctx.dtypes
         conv, scan, norm_gate = (triton_module(m) for m in ('depthwise_conv', 'scan',
                                                              'norm_gate'))
-        B = ctx.batch
-        G, d, R = w_dt.shape
-        dtype = x.dtype
-        # (G, d, B * L): a view where the gradient comes channel-major (modulate_norm's does).
-        grad_out = _per_group(grad_out.to(dtype).flatten(1, 2), G)
+        B, G, d, L = x.shape
+        C, R = G * d, w_dt.shape[-1]
+        grad_out = grad_out.to(x.dtype).reshape(B, G, d, L)
 
-        grad_out_proj = _weight_grad(grad_out, gated, out_dtype)
+        def weight_grad(grad, inputs, dtype):
+            # Summed over the images in float32, as per_image's backward does.
+            return torch.matmul(grad, _mT(inputs)).sum(0, dtype=dtype)
+
+        grad_out_proj = weight_grad(grad_out, gated, out_dtype)
         grad_gated = torch.matmul(_mT(w_out), grad_out)
         grad_y, grad_z, grad_norm_weight, grad_norm_bias = norm_gate.backward(
-            _per_image(grad_gated, B), y.unflatten(1, (G, d)), _per_image(z, B), norm_weight,
-            norm_bias, mean, rstd)
+            grad_gated, y, z, norm_weight, norm_bias, mean, rstd)
         del grad_gated
-        _, Bs, Cs = x_dbl.split((R, 1, 1), dim=1)
+        dt, Bs, Cs = x_dbl.split((R, 1, 1), dim=2)
         grad_u, grad_delta, grad_A_log, grad_B, grad_C, grad_D, grad_bias = scan.scan_backward(
-            _sequences(u, B), _sequences(delta, B), A_log, _per_image(Bs, B), _per_image(Cs, B),
-            D32, bias32, True, directions, (H, W), grad_y.flatten(1, 2), tuple(states),
-            a_log=True)
+            u.view(B, C, L), delta.view(B, C, L), A_log, Bs, Cs, D32, bias32, True, directions,
+            (H, W), grad_y.view(B, C, L), tuple(states), a_log=True)
         del grad_y
-        grad_delta = _per_group(grad_delta.to(dtype), G)
-        # Against all of x_dbl (whose first R rows are dt): dt's rows are not one strided matrix.
-        grad_dt_proj = _weight_grad(grad_delta, x_dbl, dt_dtype, columns=R)
-        grad_x_dbl = torch.cat((
-            torch.matmul(_mT(w_dt), grad_delta).unflatten(2, (B, -1)),
-            grad_B.to(dtype).permute(1, 2, 0, 3), grad_C.to(dtype).permute(1, 2, 0, 3)),
-            dim=1).flatten(2)
+        grad_delta = grad_delta.to(x.dtype).view(B, G, d, L)
+        grad_dt_proj = weight_grad(grad_delta, dt, dt_dtype)
+        grad_x_dbl = torch.cat((torch.matmul(_mT(w_dt), grad_delta), grad_B.to(x.dtype),
+                                grad_C.to(x.dtype)), dim=2)
         del grad_delta
-        grad_x_proj = _weight_grad(grad_x_dbl, u, x_dtype)
+        grad_x_proj = weight_grad(grad_x_dbl, u, x_dtype)
         # The scan's and the projection's gradients at u meet inside one matmul.
-        grad_u = _per_group(grad_u.to(dtype), G)
-        grad_u.baddbmm_(_mT(w_x), grad_x_dbl)
+        grad_u = grad_u.to(x.dtype).view(B * G, d, L)
+        grad_u.baddbmm_(_mT(w_x).reshape(B * G, d, R + 2), grad_x_dbl.view(B * G, R + 2, L))
         del grad_x_dbl
-        pre_maps = _maps(pre, B, (H, W))
-        grad_pre = conv.activation_grad(_maps(grad_u, B, (H, W)), pre_maps, conv_weight,
+        pre_maps = pre.view(B, C, H, W)
+        grad_pre = conv.activation_grad(grad_u.view(B, C, H, W), pre_maps, conv_weight,
                                         conv_bias, 'silu')
         del grad_u
         grad_pre, grad_conv_weight, grad_conv_bias = conv.backward(grad_pre, pre_maps,
                                                                    conv_weight, True)
-        grad_pre = _per_group(grad_pre, G)
-        grad_z = _per_group(grad_z.flatten(1, 2), G)
-        w_u, w_z = w_in.split(d, dim=1)
-        grad_in_proj = torch.cat((_weight_grad(grad_pre, x, in_dtype),
-                                  _weight_grad(grad_z, x, in_dtype)), dim=1)
-        grad_x = torch.matmul(_mT(w_u), grad_pre)
-        grad_x.baddbmm_(_mT(w_z), grad_z)
-        return (_sequences(grad_x, B), grad_in_proj, _like(conv_weight, grad_conv_weight),
+        grad_pre = grad_pre.view(B, G, d, L)
+        w_u, w_z = w_in.split(d, dim=2)
+        grad_in_proj = torch.cat((torch.matmul(grad_pre, _mT(x)), torch.matmul(grad_z, _mT(x))),
+                                 dim=2).sum(0, dtype=in_dtype)
+        grad_x = torch.matmul(_mT(w_u), grad_pre).view(B * G, d, L)
+        grad_x.baddbmm_(_mT(w_z).reshape(B * G, d, d), grad_z.view(B * G, d, L))
+        return (grad_x.view(B, C, L), grad_in_proj, _like(conv_weight, grad_conv_weight),
                 grad_conv_bias.to(conv_bias.dtype), grad_x_proj, grad_dt_proj,
                 grad_bias.to(bias_dtype), grad_A_log.to(A_dtype), grad_D.to(D_dtype),
                 grad_norm_weight.to(norm_weight.dtype), grad_norm_bias.to(norm_bias.dtype),

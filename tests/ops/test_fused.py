@@ -420,8 +420,6 @@ MIXER_NORM_INTERPRETER_CHECK = textwrap.dedent('''
             part = [g if i in used else None for i, g in enumerate(grads)]
             got = run_mixer_norm(lambda *a: fused.mixer_norm(*a, with_mean, backend='triton'),
                                  x, weight, bias, part)
-            # The mixer's layout: channel-major over the batch.
-            assert got[0][1].transpose(0, 1).is_contiguous(), got[0][1].stride()
             ref = run_mixer_norm(lambda *a: fused.mixer_norm_ref(*a, with_mean), x, weight,
                                  bias, part, double=True)
             check_mixer_norm(got, ref)

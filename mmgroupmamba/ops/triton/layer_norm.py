@@ -38,9 +38,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     """x ``(images * L, C)`` with contiguous channels, weight and bias ``(C,)`` -> ``(out
     (images * L, C) contiguous in out_dtype, mean, rstd, tokens, means, total)``: the statistics
     float32 ``(images * L,)``; with ``token_dtype``, ``tokens`` the output again as ``(images, C,
-    L)`` in that dtype, a view of channel-major ``(C, images, L)`` memory (else None); with
-    ``channel_means``, ``means`` the output's means over each image's rows, float32 ``(images,
-    C)`` (else None). With ``residual`` (like x, contiguous
+    L)`` in that dtype (else None); with ``channel_means``, ``means`` the output's means over
+    each image's rows, float32 ``(images, C)`` (else None). With ``residual`` (like x, contiguous
     channels), the norm's input is ``total = x + residual`` (in x's dtype, contiguous; else
     None), the residual times ``residual_scale[image]`` where given (``(images,)``). ``cfg``
     ``(BLOCK_C, BLOCK_L, warps)`` overrides the planned tile (for tuning)."""
@@ -51,9 +50,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     rstd = torch.empty_like(mean)
     block_c, block_l, warps = plan(C, L) if cfg is None else cfg
     l_blocks = cdiv(L, block_l)
-    # Channel-major over the whole batch, (C, images, L) memory: the mixer's layout.
     tokens = (None if token_dtype is None else
-              torch.empty((C, images, L), dtype=token_dtype, device=x.device).transpose(0, 1))
+              torch.empty((images, C, L), dtype=token_dtype, device=x.device))
     partial = (torch.empty((images, l_blocks, C), dtype=torch.float32, device=x.device)
                if channel_means else None)
     total = None if residual is None else torch.empty((M, C), dtype=x.dtype, device=x.device)
@@ -78,10 +76,9 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
              cfg: Optional[Tuple[int, int, int]] = None):
     """The gradient at the output is the sum of those given: ``grad_out`` ``(images * L, C)``
     with contiguous channels, ``grad_tokens`` (the channel-major copy's, ``(images, C, L)``
-    with contiguous tokens, any image and channel strides) and ``grad_means`` (the channel
-    means', ``(images, C)``); ``x`` is the norm's input. -> ``(grad_x (images * L, C)
-    contiguous in x's dtype, grad_weight (C,), grad_bias (C,), grad_residual)``, the weight and
-    bias gradients float32. ``grad_input`` (like x,
+    contiguous) and ``grad_means`` (the channel means', ``(images, C)``); ``x`` is the norm's
+    input. -> ``(grad_x (images * L, C) contiguous in x's dtype, grad_weight (C,), grad_bias
+    (C,), grad_residual)``, the weight and bias gradients float32. ``grad_input`` (like x,
     contiguous channels) is a gradient that reaches the norm's input from elsewhere (the
     residual stream's), added to grad_x; with ``residual_dtype``, ``grad_residual`` is grad_x
     again in that dtype (else None), times ``residual_scale[image]`` where given. ``cfg``
@@ -101,7 +98,6 @@ def backward(grad_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Te
         _or(residual_scale, mean), partial, L, C,
         images * l_blocks, l_blocks, x.stride(0) if grad_out is None else grad_out.stride(0),
         x.stride(0) if grad_input is None else grad_input.stride(0), x.stride(0),
-        *(grad_tokens.stride()[:2] if grad_tokens is not None else (0, 0)),
         HAS_GRAD_OUT=grad_out is not None, HAS_GRAD_TOKENS=grad_tokens is not None,
         HAS_GRAD_MEANS=grad_means is not None, HAS_GRAD_INPUT=grad_input is not None,
         RESIDUAL_GRAD=grad_residual is not None, SCALED=residual_scale is not None,
@@ -170,10 +166,8 @@ def _layer_norm_fwd_kernel(x_ptr, r_ptr, s_ptr, total_ptr, w_ptr, b_ptr, out_ptr
     tl.store(mean_ptr + rows, mean, mask=l_mask)
     tl.store(rstd_ptr + rows, rstd, mask=l_mask)
     if TOKENS:
-        # Transposed in registers, so that the store runs along the tokens (contiguous there);
-        # (C, images, L) memory.
-        tokens = (tokens_ptr + cols[:, None].to(tl.int64) * (tl.num_programs(0) * L) + b * L
-                  + offs_l[None, :])
+        # Transposed in registers, so that the store runs along the tokens (contiguous there).
+        tokens = tokens_ptr + b * C * L + cols[:, None] * L + offs_l[None, :]
         tl.store(tokens, tl.trans(out).to(tokens_ptr.dtype.element_ty),
                  mask=c_mask[:, None] & l_mask[None, :])
     if MEANS:
@@ -184,10 +178,10 @@ def _layer_norm_fwd_kernel(x_ptr, r_ptr, s_ptr, total_ptr, w_ptr, b_ptr, out_ptr
 @triton.jit(do_not_specialize=['L', 'blocks', 'l_blocks'])
 def _layer_norm_bwd_kernel(go_ptr, gt_ptr, gm_ptr, gi_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr,
                            gx_ptr, gr_ptr, s_ptr, partial_ptr, L, C, blocks, l_blocks, gos_m, gis_m,
-                           xs_m, gts_b, gts_c, HAS_GRAD_OUT: tl.constexpr,
-                           HAS_GRAD_TOKENS: tl.constexpr, HAS_GRAD_MEANS: tl.constexpr,
-                           HAS_GRAD_INPUT: tl.constexpr, RESIDUAL_GRAD: tl.constexpr,
-                           SCALED: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+                           xs_m, HAS_GRAD_OUT: tl.constexpr, HAS_GRAD_TOKENS: tl.constexpr,
+                           HAS_GRAD_MEANS: tl.constexpr, HAS_GRAD_INPUT: tl.constexpr,
+                           RESIDUAL_GRAD: tl.constexpr, SCALED: tl.constexpr,
+                           BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program p takes blocks p, p + P, p + 2P, ... (P programs; block = image * l_blocks + row
     # block) and accumulates the weight and bias gradients of its rows, stored to partial[0, p]
     # and partial[1, p].
@@ -210,8 +204,7 @@ def _layer_norm_bwd_kernel(go_ptr, gt_ptr, gm_ptr, gi_ptr, x_ptr, w_ptr, mean_pt
             go += tl.load(go_ptr + rows[:, None] * gos_m + cols[None, :], mask=mask,
                           other=0.).to(tl.float32)
         if HAS_GRAD_TOKENS:
-            tokens = (gt_ptr + (block // l_blocks).to(tl.int64) * gts_b
-                      + cols[:, None].to(tl.int64) * gts_c + offs_l[None, :])
+            tokens = gt_ptr + first[None, :] * C + cols[:, None] * L + offs_l[None, :]
             go += tl.trans(tl.load(tokens, mask=c_mask[:, None] & l_mask[None, :],
                                    other=0.).to(tl.float32))
         if HAS_GRAD_MEANS:

@@ -28,7 +28,7 @@ def forward(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.
     """y, z ``(B, G, d, L)`` (any strides along ``L``-contiguous rows), weight and bias ``(G, d)``
     -> ``(out like z, mean, rstd)``, the statistics float32 ``(B, G, 1, L)``."""
     B, G, d, L = y.shape
-    out = torch.empty_like(z)  # z's layout where it is dense (the mixer's channel-major maps)
+    out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     mean = torch.empty((B, G, 1, L), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
     block_d, block_l = _blocks(d, L, _TILE)
@@ -45,8 +45,8 @@ def backward(grad_out: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weight: t
     """-> ``(grad_y like y, grad_z like z, grad_weight, grad_bias)``, the last two float32
     ``(G, d)``."""
     B, G, d, L = y.shape
-    grad_y = torch.empty_like(y)
-    grad_z = torch.empty_like(z)
+    grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     block_d, block_l = _blocks(d, L, _BWD_TILE)
     l_blocks = cdiv(L, block_l)
     partial = torch.empty((2, B, l_blocks, G, d), dtype=torch.float32, device=y.device)

@@ -101,8 +101,7 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, 
         _, bwd_cfg = scan_n1.plan(batch, dim // groups, groups, L)
         # The op casts the float32 parameter gradients to the parameters' dtypes.
         return scan_n1.backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions,
-                                _spatial(spatial_shape, L), scan_n1.sequence_layout(dy, u),
-                                states, bwd_cfg,
+                                _spatial(spatial_shape, L), dy.contiguous(), states, bwd_cfg,
                                 empty=_empty, a_log=a_log)
     assert not a_log, 'A_log is taken for one state only'
     u, delta, A, B, C, dy = (t.contiguous() for t in (u, delta, A, B, C, dy))
@@ -174,8 +173,7 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def _n1_inputs(u, delta, A, B, C):
     # B/C keep a broadcast group axis (stride 0) instead of being copied once per group.
     B, C = (x if scan_n1.bc_strides_ok(x) else x.contiguous() for x in (B, C))
-    u = scan_n1.sequence_layout(u)
-    return u, scan_n1.sequence_layout(delta, u), A.contiguous(), B, C
+    return u.contiguous(), delta.contiguous(), A.contiguous(), B, C
 
 
 def _spatial(spatial_shape: Optional[Tuple[int, int]], L: int) -> Tuple[int, int]:

@@ -24,7 +24,7 @@ changing image sizes of detection reuse a handful of compiled kernels. The publi
 are the tuning interface that ``benchmarks/sweep_scan_tiles.py`` sweeps.
 """
 import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import triton
@@ -35,7 +35,7 @@ from .common import (affine_combine, cdiv, compiled_binaries, direction_code, ef
                      token_index)
 
 __all__ = ['LaunchConfig', 'plan', 'forward', 'backward', 'states_shape', 'STATE_STEPS',
-           'sequence_layout', 'row_strides', 'bc_strides_ok', 'compiled_kernel_count']
+           'bc_strides_ok', 'compiled_kernel_count']
 
 # Forward saves the state every STATE_STEPS steps, so that backward may cut the sequence into
 # chunks of any multiple of it, whatever forward's chunk length (a few bytes per row: 0.3% of
@@ -137,10 +137,9 @@ def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatia
     ``STATE_STEPS``-th step. With ``a_log``, ``A`` holds ``log(-A)`` (a Mamba layer's ``A_log``)
     and the kernel takes ``-exp`` of it.
 
-    ``u, delta``: ``(batch, dim, L)`` of one layout, contiguous or channel-major
-    (:func:`sequence_layout`), which ``y`` takes; ``B, C``: ``(batch, groups, 1, L)`` whose
-    batch and group strides are multiples of ``L`` (a broadcast group stride of 0 is fine);
-    ``directions``: tuple of ``groups`` direction indices; ``empty`` allocates the outputs.
+    ``u, delta``: contiguous ``(batch, dim, L)``; ``B, C``: ``(batch, groups, 1, L)`` whose batch and
+    group strides are multiples of ``L`` (a broadcast group stride of 0 is fine); ``directions``:
+    tuple of ``groups`` direction indices; ``empty`` allocates the outputs.
     """
     batch, dim, L = u.shape
     groups = B.shape[1]
@@ -148,13 +147,13 @@ def forward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spatia
     H, W = spatial_shape
     n_chunks = cdiv(L, cfg.block_t)
     d_blocks = cdiv(dim_per_group, cfg.block_d)
-    y = _empty_rows(u, out_dtype, empty)
+    y = empty(u.shape, dtype=out_dtype, device=u.device)
     states = empty(states_shape(batch, dim, L), dtype=torch.float32, device=u.device)
     _scan_n1_fwd_kernel[(batch * groups * d_blocks, )](
         u, delta, A, B, C, or_dummy(D, u), or_dummy(delta_bias, u),
         direction_code(directions), y, states,
         L, H, W, n_chunks, _state_count(L), dim, groups, dim_per_group, d_blocks,
-        *row_strides(u), *_bc_strides(B, L),
+        *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, BLOCK_D=cfg.block_d,
         BLOCK_T=cfg.block_t, STATE_T=STATE_STEPS, PREFETCH=n_chunks > 1, A_LOG=a_log,
@@ -167,9 +166,9 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
     """Returns ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)``; with ``a_log`` (as for
     :func:`forward`), ``dA`` is the gradient of ``A_log``.
 
-    ``dy`` and du/ddelta have u's layout; du/ddelta come in the inputs' dtypes, dA/dD/ddelta_bias
-    in float32 (summed with atomics), dB/dC ``(batch, groups, 1, L)`` in B's dtype (summed in
-    float32 when a group spans several programs).
+    du/ddelta come in the inputs' dtypes, dA/dD/ddelta_bias in float32 (summed with atomics),
+    dB/dC ``(batch, groups, 1, L)`` in B's dtype (summed in float32 when a group spans several
+    programs).
     ``states`` is what :func:`forward` saved; ``cfg.block_t`` is a multiple of ``STATE_STEPS`` or
     covers ``L``.
     """
@@ -180,8 +179,8 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
     n_chunks = cdiv(L, cfg.block_t)
     assert n_chunks == 1 or cfg.block_t % STATE_STEPS == 0, (cfg.block_t, STATE_STEPS)
     d_blocks = cdiv(dim_per_group, cfg.block_d)
-    du = _empty_rows(u, u.dtype, empty)
-    ddelta = _empty_rows(u, delta.dtype, empty)
+    du = empty(u.shape, dtype=u.dtype, device=u.device)
+    ddelta = empty(delta.shape, dtype=delta.dtype, device=u.device)
     # dA, dD, ddelta_bias sum over images (and dB/dC over channel blocks) with atomics into one
     # zeroed buffer: one fill, not one per gradient.
     atomic_bc = d_blocks > 1
@@ -198,7 +197,7 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
         direction_code(directions), dy, states,
         du, ddelta, param_grads, dBC, L, H, W, n_chunks, _state_count(L),
         max(1, cfg.block_t // STATE_STEPS),
-        dim, groups, dim_per_group, d_blocks, *row_strides(u), *_bc_strides(B, L),
+        dim, groups, dim_per_group, d_blocks, *_bc_strides(B, L),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         ROW_MAJOR=all(d == 0 for d in directions), VEC=4 if L % 4 == 0 else 1, ATOMIC_BC=atomic_bc,
         BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t, PREFETCH=n_chunks > 1, A_LOG=a_log,
@@ -209,25 +208,6 @@ def backward(u, delta, A, B, C, D, delta_bias, delta_softplus, directions, spati
     dD = None if D is None else param_grads[1]
     ddelta_bias = None if delta_bias is None else param_grads[2]
     return du, ddelta, dA, dBC[0], dBC[1], dD, ddelta_bias
-
-
-def sequence_layout(x: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x`` ``(batch, dim, L)`` in a layout the kernels read: contiguous, or channel-major
-    (``x.transpose(0, 1)`` contiguous: the rows of one channel of all images in a run, as the
-    GroupMamba mixer computes); with ``like``, in ``like``'s layout. Copied only where needed."""
-    if like is None:
-        channel_major = _channel_major(x) and not x.is_contiguous()
-    else:
-        channel_major = not like.is_contiguous()
-    if not channel_major:
-        return x.contiguous()
-    return x if _channel_major(x) else x.transpose(0, 1).contiguous().transpose(0, 1)
-
-
-def row_strides(x: torch.Tensor) -> Tuple[int, int]:
-    """(image, channel) strides of the rows of a :func:`sequence_layout` map, in rows."""
-    batch, dim, _ = x.shape
-    return (dim, 1) if x.is_contiguous() else (1, batch)
 
 
 def bc_strides_ok(x: torch.Tensor) -> bool:
@@ -241,31 +221,17 @@ def compiled_kernel_count() -> int:
     return compiled_binaries(_scan_n1_fwd_kernel, _scan_n1_bwd_kernel)
 
 
-def _channel_major(x: torch.Tensor) -> bool:
-    return x.transpose(0, 1).is_contiguous()
-
-
-def _empty_rows(like: torch.Tensor, dtype: torch.dtype, empty) -> torch.Tensor:
-    """An output map in ``like``'s layout (:func:`sequence_layout`)."""
-    batch, dim, L = like.shape
-    if like.is_contiguous():
-        return empty((batch, dim, L), dtype=dtype, device=like.device)
-    return empty((dim, batch, L), dtype=dtype, device=like.device).transpose(0, 1)
-
-
 def _bc_strides(x: torch.Tensor, L: int):
     # In units of L: with L % VEC == 0 known to the compiler, B/C rows are provably aligned.
     return x.stride(0) // L, x.stride(1) // L
 
 
 @triton.jit
-def _program_coords(dim, groups, dim_per_group, n_dblocks, L, row_stride_b, row_stride_c,
-                    bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr, dir_code,
-                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_MAJOR: tl.constexpr,
-                    BLOCK_D: tl.constexpr, A_LOG: tl.constexpr):
+def _program_coords(dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr,
+                    bias_ptr, dir_code, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ROW_MAJOR: tl.constexpr, BLOCK_D: tl.constexpr, A_LOG: tl.constexpr):
     """Group, its direction, channels, their parameters (``A = -exp(A_log)`` when the kernel was
-    given ``A_log``), the int64 rows of this program (``b * dim + channel``, the index of the
-    saved states) and the int64 offsets of its rows in the sequence maps and in B/C."""
+    given ``A_log``), and the int64 row offsets of this program."""
     b, g, _, chan, d_mask = program_channels(groups, dim_per_group, n_dblocks, BLOCK_D)
     A = tl.load(A_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
     if A_LOG:
@@ -273,15 +239,14 @@ def _program_coords(dim, groups, dim_per_group, n_dblocks, L, row_stride_b, row_
     D, bias = skip_and_bias(chan, d_mask, D_ptr, bias_ptr, HAS_D, HAS_BIAS, BLOCK_D)
     # int64: batch * dim * L passes 2**31 on large detection batches.
     rows = (b * dim + chan).to(tl.int64)
-    row = (b.to(tl.int64) * row_stride_b + chan.to(tl.int64) * row_stride_c) * L
     bc_row = (b.to(tl.int64) * bc_stride_b + g * bc_stride_g) * L
-    return g, group_direction(dir_code, g, ROW_MAJOR), chan, d_mask, A, D, bias, rows, row, bc_row
+    return g, group_direction(dir_code, g, ROW_MAJOR), chan, d_mask, A, D, bias, rows, bc_row
 
 
 @triton.jit(do_not_specialize=['L', 'H', 'W', 'n_chunks', 'n_states', 'dir_code'])
 def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_code, y_ptr,
                         state_ptr, L, H, W, n_chunks, n_states, dim, groups, dim_per_group,
-                        n_dblocks, row_stride_b, row_stride_c, bc_stride_b, bc_stride_g,
+                        n_dblocks, bc_stride_b, bc_stride_g,
                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                         ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_T: tl.constexpr, STATE_T: tl.constexpr, PREFETCH: tl.constexpr,
@@ -289,9 +254,10 @@ def _scan_n1_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, 
     # L is a multiple of VEC (the caller checked): saying so lets the compiler prove rows
     # 16-byte aligned, hence vectorised loads, without specialising on L itself.
     L = (L // VEC) * VEC
-    g, direction, chan, d_mask, A, D, bias, rows, row, bc_row = _program_coords(
-        dim, groups, dim_per_group, n_dblocks, L, row_stride_b, row_stride_c, bc_stride_b,
-        bc_stride_g, A_ptr, D_ptr, bias_ptr, dir_code, HAS_D, HAS_BIAS, ROW_MAJOR, BLOCK_D, A_LOG)
+    g, direction, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
+        dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr,
+        dir_code, HAS_D, HAS_BIAS, ROW_MAJOR, BLOCK_D, A_LOG)
+    row = rows * L
     state_row = rows * n_states
     lane = tl.arange(0, BLOCK_T)
     h = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -374,15 +340,16 @@ def _load_fwd_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, row, bc_row, d_mask, lane, c
 def _scan_n1_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dir_code, dy_ptr,
                         state_ptr, du_ptr, ddelta_ptr, param_ptr, dbc_ptr, L, H, W, n_chunks,
                         n_states, state_step, dim, groups, dim_per_group, n_dblocks,
-                        row_stride_b, row_stride_c, bc_stride_b, bc_stride_g,
+                        bc_stride_b, bc_stride_g,
                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                         ROW_MAJOR: tl.constexpr, VEC: tl.constexpr, ATOMIC_BC: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PREFETCH: tl.constexpr,
                         A_LOG: tl.constexpr):
     L = (L // VEC) * VEC
-    g, direction, chan, d_mask, A, D, bias, rows, row, bc_row = _program_coords(
-        dim, groups, dim_per_group, n_dblocks, L, row_stride_b, row_stride_c, bc_stride_b,
-        bc_stride_g, A_ptr, D_ptr, bias_ptr, dir_code, HAS_D, HAS_BIAS, ROW_MAJOR, BLOCK_D, A_LOG)
+    g, direction, chan, d_mask, A, D, bias, rows, bc_row = _program_coords(
+        dim, groups, dim_per_group, n_dblocks, L, bc_stride_b, bc_stride_g, A_ptr, D_ptr, bias_ptr,
+        dir_code, HAS_D, HAS_BIAS, ROW_MAJOR, BLOCK_D, A_LOG)
+    row = rows * L
     lane = tl.arange(0, BLOCK_T)
     # dB / dC of this image and group, contiguous (batch, groups, 1, L) each.
     pid = tl.program_id(0)
