@@ -25,7 +25,7 @@ NO_KERNEL = {
     'chunk', 'unbind', 'flatten', '_reshape_alias', 'empty', 'empty_like', 'empty_strided',
     'new_empty', 'new_empty_strided', 'is_same_size', 'lift_fresh', 'sym_size', 'sym_stride',
     'sym_numel', 'sym_storage_offset', 'promote_types', 'result_type', '_local_scalar_dense',
-    'size', 'stride', 'dim', 'numel', 'is_contiguous', 'set_'}
+    'size', 'stride', 'dim', 'numel', 'is_contiguous', 'set_', 'diagonal'}
 
 
 def parse_args():
