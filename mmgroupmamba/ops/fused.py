@@ -436,14 +436,14 @@ class _PerImage(torch.autograd.Function):
 
 
 def cast_weights(weights: Sequence[torch.Tensor], dtype: torch.dtype,
-                 batch: int = 1) -> List[torch.Tensor]:
-    """The weights an autograd Function computes with: each of ``weights`` in ``dtype``, and
-    with ``batch > 1`` repeated per image as :func:`per_image` does, as values (no autograd).
-    Where the Triton kernels run, the copies come from one kernel (:mod:`.triton.segments`)
-    instead of one each: a block's forward made ten such copies of a few kilobytes, whose
-    launches cost more host time than the GPU spends on them. Weights already in ``dtype``
-    (``batch`` 1) are returned as they are."""
-    copied = [i for i, w in enumerate(weights) if batch > 1 or w.dtype != dtype]
+                 batch: Optional[int] = None) -> List[torch.Tensor]:
+    """The weights an autograd Function computes with: each of ``weights`` in ``dtype``, or with
+    ``batch`` repeated over that many images as :func:`per_image` does, as values (no
+    autograd). Where the Triton kernels run, the copies come from one kernel
+    (:mod:`.triton.segments`) instead of one each: a block's forward made ten such copies of a
+    few kilobytes, whose launches cost more host time than the GPU spends on them. Without
+    ``batch``, weights already in ``dtype`` are returned as they are."""
+    copied = [i for i, w in enumerate(weights) if batch is not None or w.dtype != dtype]
     out = list(weights)
     if len(copied) > 1 and _segments_run_on(weights[copied[0]]) and all(
             weights[i].is_contiguous() for i in copied):
@@ -454,7 +454,7 @@ def cast_weights(weights: Sequence[torch.Tensor], dtype: torch.dtype,
                 out[i] = cast
         return out
     for i in copied:
-        out[i] = _repeat(weights[i], batch, dtype) if batch > 1 else weights[i].to(dtype)
+        out[i] = weights[i].to(dtype) if batch is None else _repeat(weights[i], batch, dtype)
     return out
 
 

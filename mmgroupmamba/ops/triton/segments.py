@@ -10,7 +10,7 @@ blocks (no device-side table to upload).
 - :func:`cast`: each tensor cast to one dtype and repeated over ``batch`` images, into one buffer;
 - :func:`sum_images`: each ``(B, ...)`` tensor summed over its first axis in float32.
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import triton
@@ -30,21 +30,22 @@ _ALIGN = 64
 __all__ = ['MAX_SEGMENTS', 'cast', 'sum_images', 'compiled_kernel_count']
 
 
-def cast(tensors: Sequence[torch.Tensor], dtype: torch.dtype, batch: int = 1
+def cast(tensors: Sequence[torch.Tensor], dtype: torch.dtype, batch: Optional[int] = None
          ) -> List[torch.Tensor]:
-    """Each of up to :data:`MAX_SEGMENTS` tensors (on one device, contiguous) in ``dtype``,
-    repeated over ``batch`` images (``(batch, *shape)``) unless ``batch`` is 1: contiguous views
-    of one new buffer, written by one kernel."""
+    """Each of up to :data:`MAX_SEGMENTS` tensors (on one device, contiguous) in ``dtype``, or
+    with ``batch`` repeated over that many images (``(batch, *shape)``): contiguous views of one
+    new buffer, written by one kernel."""
     _check_count(tensors)
-    sizes = [t.numel() * batch for t in tensors]
+    repeats = 1 if batch is None else batch
+    sizes = [t.numel() * repeats for t in tensors]
     starts = [0]
     for size in sizes[:-1]:
         starts.append(starts[-1] + cdiv(size, _ALIGN) * _ALIGN)
     buffer = torch.empty(starts[-1] + sizes[-1], dtype=dtype, device=tensors[0].device)
     programs, first_blocks = _blocks(sizes, _CAST_BLOCK)
     _cast_kernel[(programs, )](buffer, *_pad(list(tensors)), *_pad([t.numel() for t in tensors]),
-                               *_pad(starts), *first_blocks, batch, BLOCK=_CAST_BLOCK)
-    shape = (lambda t: t.shape) if batch == 1 else (lambda t: (batch, *t.shape))
+                               *_pad(starts), *first_blocks, repeats, BLOCK=_CAST_BLOCK)
+    shape = (lambda t: t.shape) if batch is None else (lambda t: (batch, *t.shape))
     return [buffer[start:start + size].view(shape(t))
             for t, start, size in zip(tensors, starts, sizes)]
 
@@ -106,7 +107,21 @@ def _cast_block(src, dst, numel, batch, block, BLOCK: tl.constexpr):
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel * batch
     values = tl.load(src + offs % numel, mask=mask)
-    tl.store(dst + offs, values.to(dst.dtype.element_ty), mask=mask)
+    if values.dtype == tl.float32 and dst.dtype.element_ty == tl.bfloat16:
+        tl.store(dst + offs, _bfloat16_rounded(values), mask=mask)
+    else:
+        tl.store(dst + offs, values.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bfloat16_rounded(x):
+    """float32 ``x`` to bfloat16, rounded to nearest even as ``Tensor.to`` rounds, in integer
+    arithmetic: the same bits on a GPU and in Triton's interpreter (whose own conversion
+    truncates). NaNs stay NaNs (quiet, sign kept)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit(do_not_specialize=['n0', 'n1', 'n2', 'n3', 'o0', 'o1', 'o2', 'o3', 'f0', 'f1',
