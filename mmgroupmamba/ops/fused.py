@@ -13,8 +13,6 @@
   kernel each way (:mod:`.triton.channel_affinity`) instead of ten small ones;
 - :func:`per_image`: a weight cast and repeated per image for a batched matmul, in one kernel
   each way;
-- :func:`cast_weights` and :func:`sum_images`: the casts of several weights, and the sums over
-  images of several per-image gradients, in one kernel each on CUDA (for the Functions here);
 - :func:`linear`: a linear layer whose backward writes the parameters' gradients in their dtype;
 - :func:`ffn`: the FFN (fc1, depthwise 3x3 convolution, GELU, fc2), keeping only its input.
 
@@ -25,7 +23,7 @@ itself; the FFN's hidden map is still recomputed, through activation checkpointi
 autograd, plain operators are what tracers (the FLOPs counter) understand. The ``*_ref``
 functions are those plain operators, the references of the tests.
 """
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +37,7 @@ from .depthwise_conv import conv_activation_backward, depthwise_conv2d
 __all__ = ['compute_dtype', 'layer_norm', 'layer_norm_ref', 'add_layer_norm',
            'add_layer_norm_ref', 'mixer_norm', 'mixer_norm_ref',
            'group_norm_gate', 'group_norm_gate_ref', 'modulate_norm', 'modulate_norm_ref',
-           'channel_affinity', 'channel_affinity_ref', 'per_image', 'cast_weights', 'sum_images',
-           'linear', 'ffn', 'ffn_ref']
+           'channel_affinity', 'channel_affinity_ref', 'per_image', 'linear', 'ffn', 'ffn_ref']
 
 
 def _records_eager_backward() -> bool:
@@ -435,49 +432,6 @@ class _PerImage(torch.autograd.Function):
         return grad.sum(0, dtype=ctx.weight_dtype), None, None
 
 
-def cast_weights(weights: Sequence[torch.Tensor], dtype: torch.dtype,
-                 batch: Optional[int] = None) -> List[torch.Tensor]:
-    """The weights an autograd Function computes with: each of ``weights`` in ``dtype``, or with
-    ``batch`` repeated over that many images as :func:`per_image` does, as values (no
-    autograd). Where the Triton kernels run, the copies come from one kernel
-    (:mod:`.triton.segments`) instead of one each: a block's forward made ten such copies of a
-    few kilobytes, whose launches cost more host time than the GPU spends on them. Without
-    ``batch``, weights already in ``dtype`` are returned as they are."""
-    copied = [i for i, w in enumerate(weights) if batch is not None or w.dtype != dtype]
-    out = list(weights)
-    if len(copied) > 1 and _segments_run_on(weights[copied[0]]) and all(
-            weights[i].is_contiguous() for i in copied):
-        segments = triton_module('segments')
-        for first in range(0, len(copied), segments.MAX_SEGMENTS):
-            chunk = copied[first:first + segments.MAX_SEGMENTS]
-            for i, cast in zip(chunk, segments.cast([weights[i] for i in chunk], dtype, batch)):
-                out[i] = cast
-        return out
-    for i in copied:
-        out[i] = weights[i].to(dtype) if batch is None else _repeat(weights[i], batch, dtype)
-    return out
-
-
-def sum_images(tensors: Sequence[torch.Tensor],
-               dtypes: Sequence[torch.dtype]) -> List[torch.Tensor]:
-    """Each ``(B, ...)`` tensor summed over its images (the first axis) in float32 and returned
-    in its ``dtypes`` entry: the per-image products of batched matmuls made parameter gradients.
-    One kernel for all of them where the Triton kernels run (see :func:`cast_weights`)."""
-    if len(tensors) > 1 and _segments_run_on(tensors[0]) and all(
-            t.is_contiguous() and t.shape[0] == tensors[0].shape[0] for t in tensors):
-        segments = triton_module('segments')
-        out = []
-        for first in range(0, len(tensors), segments.MAX_SEGMENTS):
-            chunk = slice(first, first + segments.MAX_SEGMENTS)
-            out += segments.sum_images(tensors[chunk], dtypes[chunk])
-        return out
-    return [t.sum(0, dtype=torch.float32).to(dtype) for t, dtype in zip(tensors, dtypes)]
-
-
-def _segments_run_on(x: torch.Tensor) -> bool:
-    return not traced() and triton_unavailable(x.device, 'segments') is None
-
-
 def channel_affinity(x: torch.Tensor, reduce_weight: torch.Tensor, reduce_bias: torch.Tensor,
                      expand_weight: torch.Tensor, expand_bias: torch.Tensor, *,
                      backend: Optional[str] = None) -> torch.Tensor:
@@ -544,10 +498,9 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         dtype = compute_dtype(x)
-        x = x.to(dtype)
-        weight_c, bias_c = cast_weights((weight, bias), dtype)
+        x, weight_c = x.to(dtype), weight.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            out = F.linear(x, weight_c, bias_c)
+            out = F.linear(x, weight_c, bias.to(dtype))
         ctx.save_for_backward(x, weight_c)
         ctx.param_dtypes = weight.dtype, bias.dtype
         return out
@@ -619,13 +572,13 @@ class _FFN(torch.autograd.Function):
         x = x.to(dtype)
         # The weights in the compute dtype are kept for backward (a few MiB for the whole
         # model), not cast again there.
-        fc1_weight_c, fc1_bias_c, fc2_weight_c, fc2_bias_c = cast_weights(
-            (fc1_weight, fc1_bias, fc2_weight, fc2_bias), dtype)
+        fc1_weight_c, fc1_bias_c, fc2_weight_c = (
+            fc1_weight.to(dtype), fc1_bias.to(dtype), fc2_weight.to(dtype))
         with torch.autocast(device, enabled=False):
             h = F.linear(x, fc1_weight_c, fc1_bias_c)
             act = _conv_gelu(h, conv_weight, conv_bias)
             del h
-            out = F.linear(act, fc2_weight_c, fc2_bias_c)
+            out = F.linear(act, fc2_weight_c, fc2_bias.to(dtype))
         ctx.save_for_backward(x, fc1_weight_c, fc1_bias_c, conv_weight, conv_bias, fc2_weight_c)
         ctx.param_dtypes = fc1_weight.dtype, fc1_bias.dtype, fc2_weight.dtype, fc2_bias.dtype
         return out

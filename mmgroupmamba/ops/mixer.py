@@ -25,7 +25,7 @@ import torch
 from ._backends import triton_module, triton_unavailable
 from ._tracing import traced
 from .depthwise_conv import _like, depthwise_conv2d
-from .fused import cast_weights, group_norm_gate, per_image, sum_images
+from .fused import group_norm_gate, per_image
 from .selective_scan import SCAN_DIRECTIONS, selective_scan
 
 __all__ = ['grouped_ss2d', 'grouped_ss2d_ref']
@@ -106,9 +106,11 @@ def _forward(tokens, in_proj_weight, conv_weight, conv_bias, x_proj_weight, dt_p
     G, d, R = dt_proj_weight.shape
     dtype = tokens.dtype
     x = tokens.view(B, G, d, L)
-    # The weights cast and repeated per image for the batched matmuls, in one kernel.
-    w_in, w_x, w_dt, w_out = cast_weights(
-        (in_proj_weight, x_proj_weight, dt_proj_weight, out_proj_weight), dtype, B)
+    # Grad is off here (in the Function's forward, or no-grad inference): plain repeats.
+    w_in = per_image(in_proj_weight, B, dtype)
+    w_x = per_image(x_proj_weight, B, dtype)
+    w_dt = per_image(dt_proj_weight, B, dtype)
+    w_out = per_image(out_proj_weight, B, dtype)
     w_u, w_z = w_in.split(d, dim=2)
     pre, z = torch.matmul(w_u, x), torch.matmul(w_z, x)
     u = conv.forward(pre.view(B, C, H, W), conv_weight, conv_bias, 'silu').view(B, G, d, L)
@@ -155,9 +157,11 @@ class _GroupedSS2D(torch.autograd.Function):
         C, R = G * d, w_dt.shape[-1]
         grad_out = grad_out.to(x.dtype).reshape(B, G, d, L)
 
-        # The weights' gradients per image, summed over the images in float32 at the end (one
-        # kernel for the four).
-        image_out_proj = torch.matmul(grad_out, _mT(gated))
+        def weight_grad(grad, inputs, dtype):
+            # Summed over the images in float32, as per_image's backward does.
+            return torch.matmul(grad, _mT(inputs)).sum(0, dtype=dtype)
+
+        grad_out_proj = weight_grad(grad_out, gated, out_dtype)
         grad_gated = torch.matmul(_mT(w_out), grad_out)
         grad_y, grad_z, grad_norm_weight, grad_norm_bias = norm_gate.backward(
             grad_gated, y, z, norm_weight, norm_bias, mean, rstd)
@@ -168,11 +172,11 @@ class _GroupedSS2D(torch.autograd.Function):
             (H, W), grad_y.view(B, C, L), tuple(states), a_log=True)
         del grad_y
         grad_delta = grad_delta.to(x.dtype).view(B, G, d, L)
-        image_dt_proj = torch.matmul(grad_delta, _mT(dt))
+        grad_dt_proj = weight_grad(grad_delta, dt, dt_dtype)
         grad_x_dbl = torch.cat((torch.matmul(_mT(w_dt), grad_delta), grad_B.to(x.dtype),
                                 grad_C.to(x.dtype)), dim=2)
         del grad_delta
-        image_x_proj = torch.matmul(grad_x_dbl, _mT(u))
+        grad_x_proj = weight_grad(grad_x_dbl, u, x_dtype)
         # The scan's and the projection's gradients at u meet inside one matmul.
         grad_u = grad_u.to(x.dtype).view(B * G, d, L)
         grad_u.baddbmm_(_mT(w_x).reshape(B * G, d, R + 2), grad_x_dbl.view(B * G, R + 2, L))
@@ -185,13 +189,10 @@ class _GroupedSS2D(torch.autograd.Function):
                                                                    conv_weight, True)
         grad_pre = grad_pre.view(B, G, d, L)
         w_u, w_z = w_in.split(d, dim=2)
-        image_in_proj = torch.cat((torch.matmul(grad_pre, _mT(x)), torch.matmul(grad_z, _mT(x))),
-                                  dim=2)
+        grad_in_proj = torch.cat((torch.matmul(grad_pre, _mT(x)), torch.matmul(grad_z, _mT(x))),
+                                 dim=2).sum(0, dtype=in_dtype)
         grad_x = torch.matmul(_mT(w_u), grad_pre).view(B * G, d, L)
         grad_x.baddbmm_(_mT(w_z).reshape(B * G, d, d), grad_z.view(B * G, d, L))
-        grad_in_proj, grad_x_proj, grad_dt_proj, grad_out_proj = sum_images(
-            (image_in_proj, image_x_proj, image_dt_proj, image_out_proj),
-            (in_dtype, x_dtype, dt_dtype, out_dtype))
         return (grad_x.view(B, C, L), grad_in_proj, _like(conv_weight, grad_conv_weight),
                 grad_conv_bias.to(conv_bias.dtype), grad_x_proj, grad_dt_proj,
                 grad_bias.to(bias_dtype), grad_A_log.to(A_dtype), grad_D.to(D_dtype),
